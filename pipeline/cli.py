@@ -65,9 +65,10 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
         kwargs["test_size"] = args.test_size
     if args.limit is not None:
         kwargs["limit"] = args.limit
-    out = prepare_data(args.task, **kwargs)
-    for k, v in out.items():
-        print(f"{k}: {v}")
+    for task in args.task:
+        out = prepare_data(task, **kwargs)
+        for k, v in out.items():
+            print(f"{k}: {v}")
     return 0
 
 
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_prepare_model)
 
     d = sub.add_parser("prepare-data", help="build real task files (LLM-Adapters format)")
-    d.add_argument("task")
+    d.add_argument("task", nargs="+", help="one or more of the tasks prepare-data knows (e.g. social_i_qa quartz strategyqa)")
     d.add_argument("--cache", default=None)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--test-size", type=int, default=None)

@@ -34,12 +34,35 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # LLM-Adapters JSON/JSONL (instruction, input, output, answer)
-    test: str | None = None  # evaluated after training when given (paper protocol)
-    task: str | None = None  # the test set's task, for answer extraction (e.g. social_i_qa)
+    # One or more LLM-Adapters JSON/JSONL files (instruction, input, output, answer), trained on
+    # together: the paper's commonsense_170k is the eight tasks' training sets in one file.
+    train: list[str] = field(default_factory=list)
+    # Test sets evaluated after training (the paper's protocol), each "task=path" or a path whose
+    # task is data.task; the task picks the answer format (e.g. social_i_qa).
+    test: list[str] = field(default_factory=list)
+    task: str | None = None
     cutoff_len: int = 256
     train_on_inputs: bool = True  # LLM-Adapters' default: the loss covers the prompt too
     limit: int | None = None  # use the first N training rows (demos, smoke tests)
+
+    def test_sets(self) -> dict[str, str]:
+        """{task: path} of the test sets, in the order given."""
+        sets: dict[str, str] = {}
+        for i, entry in enumerate(self.test):
+            task, sep, path = entry.partition("=")
+            if not sep:
+                task, path = self.task, entry
+                if not task:
+                    raise ConfigError(
+                        f"data.task: required with data.test entry {entry!r} (it picks the answer format, e.g. "
+                        f"social_i_qa); or write the entry as task=path"
+                    )
+            if not task or not path:
+                raise ConfigError(f"data.test[{i}]: {entry!r}: expected task=path or a path")
+            if task in sets:
+                raise ConfigError(f"data.test[{i}]: task {task!r} is given twice")
+            sets[task] = path
+        return sets
 
 
 @dataclass
@@ -70,7 +93,8 @@ class TrainConfig:
     checkpoint_every: int | None = None  # optimizer steps; None: only at the end
     eval_max_new_tokens: int = 32
     eval_num_beams: int = 4
-    eval_limit: int | None = None
+    eval_limit: int | None = None  # the first N rows of each test set
+    eval_batch_size: int = 1  # rows generated together (left-padded); the paper's harness uses 1
 
 
 @dataclass
@@ -136,6 +160,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return _convert(value, args[0], path)
     if origin is list:
         (item,) = typing.get_args(tp)
+        if value is None:
+            return []
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
@@ -203,6 +229,7 @@ def _check(cfg: RunConfig) -> None:
         "workers.num_workers": cfg.workers.num_workers,
         "workers.cpus_per_worker": cfg.workers.cpus_per_worker,
         "data.cutoff_len": cfg.data.cutoff_len,
+        "train.eval_batch_size": t.eval_batch_size,
     }
     for key, v in positive.items():
         if v <= 0:
@@ -220,9 +247,8 @@ def _check(cfg: RunConfig) -> None:
     if not cfg.model.path:
         raise ConfigError("model.path: required (a local Hugging Face model folder)")
     if not cfg.data.train:
-        raise ConfigError("data.train: required (an LLM-Adapters JSON file)")
-    if cfg.data.test and not cfg.data.task:
-        raise ConfigError("data.task: required with data.test (it picks the answer format, e.g. social_i_qa)")
+        raise ConfigError("data.train: required (an LLM-Adapters JSON file, or a list of them)")
+    cfg.data.test_sets()  # every test entry names its task
     if cfg.method.method != "lora" and cfg.method.switch_step < 1:
         raise ConfigError(f"method.switch_step: must be >= 1 for method {cfg.method.method!r}")
 

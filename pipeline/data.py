@@ -233,6 +233,11 @@ def load_records(path: str | Path, require_answer: bool = True) -> list[dict]:
     return records
 
 
+def load_many(paths: Sequence[str | Path], require_answer: bool = True) -> list[dict]:
+    """The records of several files, in order (a training mixture such as commonsense_170k)."""
+    return [r for p in paths for r in load_records(p, require_answer=require_answer)]
+
+
 def load_hf_dataset(path: str | Path, require_answer: bool = True):
     """The checked records as a `datasets.Dataset` (for code that wants the HF API)."""
     import datasets

@@ -71,20 +71,20 @@ def _check_model(cfg: RunConfig) -> None:
 
 def _check_data(cfg: RunConfig) -> int:
     """Training (and test) files parse; test answers can be scored. Returns the training rows used."""
-    from pipeline.data import extract_answer, load_records
+    from pipeline.data import extract_answer, load_many, load_records
     from pipeline.evaluate import row_format
 
-    n = len(load_records(cfg.data.train))
+    n = len(load_many(cfg.data.train))
     if cfg.data.limit:
         n = min(n, cfg.data.limit)
-    if cfg.data.test:
-        rows = load_records(cfg.data.test)
+    for task, path in cfg.data.test_sets().items():
+        rows = load_records(path)
         for i, row in enumerate(rows):
-            fam = row_format(cfg.data.task, row)
+            fam = row_format(task, row)
             if extract_answer(fam, str(row["answer"])) is None:
                 raise ValueError(
-                    f"data.test: {cfg.data.test}: row {i}: answer {row['answer']!r} can never match the {fam!r} "
-                    f"answer format of task {cfg.data.task!r}, so the row could never be scored correct"
+                    f"data.test: {path}: row {i}: answer {row['answer']!r} can never match the {fam!r} "
+                    f"answer format of task {task!r}, so the row could never be scored correct"
                 )
     return n
 

@@ -15,6 +15,11 @@ def _abs(p: str | None, base: Path) -> str | None:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+def _abs_test(entry: str, base: Path) -> str:
+    task, sep, path = entry.partition("=")
+    return f"{task}={_abs(path, base)}" if sep else _abs(entry, base)
+
+
 def resolve_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
     """A copy of `cfg` whose file paths are absolute (workers may start in another folder)."""
     base = Path(base or Path.cwd())
@@ -22,7 +27,11 @@ def resolve_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
         cfg,
         output_dir=_abs(cfg.output_dir, base),
         model=dataclasses.replace(cfg.model, path=_abs(cfg.model.path, base)),
-        data=dataclasses.replace(cfg.data, train=_abs(cfg.data.train, base), test=_abs(cfg.data.test, base)),
+        data=dataclasses.replace(
+            cfg.data,
+            train=[_abs(p, base) for p in cfg.data.train],
+            test=[_abs_test(e, base) for e in cfg.data.test],
+        ),
         method=dataclasses.replace(cfg.method, svd_cache=_abs(cfg.method.svd_cache, base)),
         deepspeed=dataclasses.replace(cfg.deepspeed, config=_abs(cfg.deepspeed.config, base)),
     )

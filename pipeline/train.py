@@ -187,11 +187,11 @@ _EXAMPLES: dict = {}
 
 
 def _examples_cache(cfg: RunConfig, tokenizer):
-    key = (cfg.data.train, cfg.data.limit, cfg.data.cutoff_len, cfg.data.train_on_inputs)
+    key = (tuple(cfg.data.train), cfg.data.limit, cfg.data.cutoff_len, cfg.data.train_on_inputs)
     if key not in _EXAMPLES:
-        from pipeline.data import load_records, tokenize_example
+        from pipeline.data import load_many, tokenize_example
 
-        records = load_records(cfg.data.train)
+        records = load_many(cfg.data.train)
         if cfg.data.limit:
             records = records[: cfg.data.limit]
         _EXAMPLES.clear()
@@ -588,16 +588,19 @@ def unpartitioned_copy(cfg: RunConfig, state: dict):
 
 
 def evaluate_after_training(adapter_state: dict, tokenizer, cfg: RunConfig, run_dir: Path, tracker, step: int) -> dict:
-    """The paper's protocol on data.test, sharded over the ranks (every rank calls it)."""
+    """The paper's protocol on every test set of data.test, sharded over the ranks (every rank calls it)."""
     from pipeline.data import load_records
     from pipeline.evaluate import evaluate_tasks, write_results
 
     t = cfg.train
-    log(f"evaluating on {cfg.data.test} ({cfg.data.task}, beams {t.eval_num_beams}, max new tokens {t.eval_max_new_tokens})")
+    sets = cfg.data.test_sets()
+    log(f"evaluating on {', '.join(sets)} (beams {t.eval_num_beams}, max new tokens {t.eval_max_new_tokens}, "
+        f"batch {t.eval_batch_size}, limit {t.eval_limit} rows per task)")
     eval_model = unpartitioned_copy(cfg, adapter_state)
     result = evaluate_tasks(
-        eval_model, tokenizer, {cfg.data.task: load_records(cfg.data.test)},
+        eval_model, tokenizer, {task: load_records(path) for task, path in sets.items()},
         num_beams=t.eval_num_beams, max_new_tokens=t.eval_max_new_tokens, limit=t.eval_limit,
+        batch_size=t.eval_batch_size,
     )
     del eval_model
     rank, _ = rank_and_world()
