@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import socket
 import sys
@@ -283,6 +284,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     # hf_ds stays referenced: generation under ZeRO-3 (the evaluation) checks it is alive.
+    engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)
 
     # Resume from the latest checkpoint when there is one (TSD state rides in the module buffers).
     consumed_micro = 0
@@ -435,6 +437,41 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
         client_state={"consumed_micro_batches": micro_index, "phase_start": sched_state["phase_start"]},
     )
     log(f"checkpoint {tag} written to {ckpt_dir}")
+
+
+def weights_only_checkpoint_engine(current):
+    """DeepSpeed's torch checkpoint engine loads with torch.load(weights_only=False), i.e. it
+    unpickles: a checkpoint folder from elsewhere could run code when a run resumes from it.
+    This returns an engine that saves the same files but loads them with weights_only=True,
+    allowing only the plain-data DeepSpeed classes ZeRO-3 checkpoints hold (the stage enum and
+    the loss scalers, rebuilt from their attributes with no constructor or setstate code run).
+    Any other checkpoint engine configured in the DeepSpeed config is refused, not trusted."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                what = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+                raise RuntimeError(
+                    f"checkpoint {path}: refused by the weights-only load, it holds more than tensors and plain "
+                    f"data ({what or 'unreadable'}); lora-tsd never unpickles checkpoints"
+                ) from None
+
+    if current is not None and type(current) not in (TorchCheckpointEngine, WeightsOnlyCheckpointEngine):
+        raise ValueError(
+            f"deepspeed.config: checkpoint engine {type(current).__name__} is not supported (it unpickles on load); "
+            "remove its settings so the torch engine, with weights-only loads, is used"
+        )
+    engine = WeightsOnlyCheckpointEngine()
+    engine.zipfile_serialization = getattr(current, "zipfile_serialization", True)  # the same files as before
+    return engine
 
 
 # ----------------------------------------------------------------------------- resume checks

@@ -95,6 +95,40 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_tag(workdir, full_
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
 
 
+class _Payload:
+    """Unpickling this calls os.makedirs(marker): a stand-in for arbitrary code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_resume_never_unpickles_a_planted_checkpoint(workdir, full_run):
+    """The latest checkpoint's optimizer file carries a pickled payload (a whole, valid file):
+    the resume refuses it by name and the payload never runs."""
+    name = "planted"
+    ckpt = workdir / "runs" / name / "checkpoints"
+    shutil.copytree(workdir / "runs/full/checkpoints", ckpt)
+    for later in (5, 6):
+        shutil.rmtree(ckpt / f"step{later}")
+    (ckpt / "latest").write_text("step4")
+    victim = ckpt / "step4/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    state = torch.load(victim, weights_only=False)  # the test's own trusted file
+    marker = workdir / "payload-ran"
+    state["planted"] = _Payload(str(marker))
+    torch.save(state, victim)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**full_run, "name": name}))
+    proc = torchrun_worker(path)
+    assert proc.returncode != 0
+    assert f"{victim}: refused by the weights-only load" in proc.stderr + proc.stdout
+    assert "GLOBAL" in proc.stderr + proc.stdout and "os.makedirs" in proc.stderr + proc.stdout
+    assert not marker.exists()
+    assert not (workdir / "runs" / name / "adapter").exists()
+
+
 def _ray_workers(root_pid: int) -> list:
     """RayTrainWorker actor processes started under the test's own `tsd train` process."""
     import psutil
