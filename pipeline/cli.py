@@ -100,6 +100,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except CompareError as e:
         return _fail(str(e))
     print(out["text"])
+    if out["paired"]:
+        from pipeline.compare import format_paired_markdown
+
+        print(f"\nPaired with LoRA (same rank and seed):\n{format_paired_markdown(out['paired'], args.digits)}")
     for f in out["files"]:
         print(f"wrote {f}")
     if out["run_id"]:

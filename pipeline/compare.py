@@ -4,7 +4,8 @@ Rows are (method, r); columns the tasks (from the runs' `acc_<task>` metrics), t
 the trainable-parameter percentage. Runs of the same (method, r) with different seeds are
 pooled: mean ± sample standard deviation (ddof 1) over runs, and n. Only FINISHED runs that
 carry a `method.method` param are read; runs tagged `tsd.kind=comparison` (this command's own
-output runs) are skipped.
+output runs) are skipped. Each method is also paired with LoRA at the same rank, seed by
+seed (same data order and LoRA init up to the switch), which removes most of the seed noise.
 
 Where the numbers come from (what the pipeline logs):
   params  `method.method`, `method.r`, `train.seed` (the driver flattens the run config);
@@ -13,7 +14,7 @@ Where the numbers come from (what the pipeline logs):
           accuracies exceed 1 is taken to have logged percentages. The table prints percent.
           A run without `acc_avg` gets the mean of its task accuracies.
 
-Outputs: the table on stdout; with an output folder, comparison.md, comparison.csv and
+Outputs: the table and the paired differences on stdout; with an output folder, comparison.md, comparison.csv and
 comparison.png (grouped bars with std error bars); optionally all three logged to a new
 "comparison" run of the experiment, or to an existing run, under `comparison/`.
 """
@@ -318,11 +319,64 @@ def plot_table(table: Table, path: str | os.PathLike, title: str | None = None) 
 
 
 # ----------------------------------------------------------------------------- the command
+@dataclass
+class Paired:
+    """A method against LoRA at the same rank, run by run: runs with the same seed share the
+    data order and the LoRA initialisation, so their difference removes most seed noise."""
+
+    method: str
+    r: int | None
+    seeds: list[str]
+    diffs: Cell  # method avg - LoRA avg, one per shared seed (percentage points)
+
+    @property
+    def wins(self) -> int:
+        return sum(d > 0 for d in self.diffs.values)
+
+    @property
+    def losses(self) -> int:
+        return sum(d < 0 for d in self.diffs.values)
+
+
+def paired_with_lora(table: Table) -> list[Paired]:
+    """Each non-LoRA row against the LoRA row of its rank, over the seeds both ran (a seed run
+    twice in a group is ambiguous and skipped)."""
+
+    def by_seed(row: Row) -> dict[str, float]:
+        seeds = [r.seed for r in row.runs]
+        return {r.seed: r.avg for r in row.runs if r.seed is not None and r.avg is not None and seeds.count(r.seed) == 1}
+
+    lora = {row.r: by_seed(row) for row in table.rows if row.method == "lora"}
+    out = []
+    for row in table.rows:
+        if row.method == "lora" or row.r not in lora:
+            continue
+        mine = by_seed(row)
+        seeds = sorted(set(mine) & set(lora[row.r]), key=lambda s: (_float(s) is None, _float(s) or 0.0, s))
+        if seeds:
+            out.append(Paired(row.method, row.r, seeds, Cell([mine[s] - lora[row.r][s] for s in seeds])))
+    return out
+
+
+def format_paired_markdown(pairs: Sequence[Paired], digits: int = 1) -> str:
+    out = ["| Method | r | Avg. − LoRA (pp) | per seed | better / worse | n |", "| --- | ---: | ---: | --- | ---: | ---: |"]
+    for p in pairs:
+        per_seed = ", ".join(f"s{s}: {d:+.{digits}f}" for s, d in zip(p.seeds, p.diffs.values))
+        out.append(f"| {method_label(p.method)} | {p.r} | {format_cell(p.diffs, digits)} | {per_seed} | "
+                   f"{p.wins} / {p.losses} | {p.diffs.n} |")
+    return "\n".join(out)
+
+
 def write_outputs(table: Table, out_dir: str | os.PathLike, digits: int = 1) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "comparison.md"
-    md.write_text(f"# Experiment {table.experiment}\n\n{format_markdown(table, digits)}\n")
+    text = f"# Experiment {table.experiment}\n\n{format_markdown(table, digits)}\n"
+    pairs = paired_with_lora(table)
+    if pairs:
+        text += ("\n## Paired with LoRA (same rank, same seed)\n\nDifference of the average accuracy, "
+                 "mean ± sample std over seeds.\n\n" + format_paired_markdown(pairs, digits) + "\n")
+    md.write_text(text)
     csv_path = out / "comparison.csv"
     csv_path.write_text(to_csv(table))
     png = plot_table(table, out / "comparison.png")
@@ -357,7 +411,7 @@ def compare_experiment(
     log_to: str | None = None,
     statuses: Sequence[str] = ("FINISHED",),
 ) -> dict:
-    """Read, tabulate, write and (optionally) log; returns {"table", "text", "files", "run_id"}."""
+    """Read, tabulate, write and (optionally) log; returns {"table", "text", "paired", "files", "run_id"}."""
     runs = fetch_runs(tracking_uri, experiment, statuses)
     if not runs:
         raise CompareError(
@@ -375,4 +429,4 @@ def compare_experiment(
     run_id = None
     if log_run or log_to:
         run_id = log_outputs(files, tracking_uri, experiment, run_id=log_to)
-    return {"table": table, "text": text, "files": files, "run_id": run_id}
+    return {"table": table, "text": text, "paired": paired_with_lora(table), "files": files, "run_id": run_id}

@@ -317,6 +317,8 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
     step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
     micro_index = 0
     fault_nan_step = int(os.environ["TSD_INJECT_NAN_AT_STEP"]) if os.environ.get("TSD_INJECT_NAN_AT_STEP") else None
+    fault_nan_grad_step = int(os.environ["TSD_INJECT_NAN_GRAD_AT_STEP"]) if os.environ.get("TSD_INJECT_NAN_GRAD_AT_STEP") else None
+    fault_step_delay = float(os.environ.get("TSD_INJECT_STEP_DELAY_S") or 0.0)
     epoch = 0
     done = engine.global_steps >= total_steps
     engine.train()
@@ -330,6 +332,8 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
             loss = out.loss
             if fault_nan_step is not None and engine.global_steps + 1 == fault_nan_step:
                 loss = loss * float("nan")  # fault injection for tests (TSD_INJECT_NAN_AT_STEP)
+            if fault_nan_grad_step is not None and engine.global_steps + 1 == fault_nan_grad_step:
+                loss = loss + torch.sqrt(loss * 0.0)  # same finite loss, NaN gradient (TSD_INJECT_NAN_GRAD_AT_STEP)
             if not loss_is_finite(loss, world):
                 # No "skip" mode: under ZeRO-3 a forward without its backward desynchronises the
                 # ranks' parameter fetches (the run hangs), and a zero-loss backward still lets
@@ -362,6 +366,14 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
             norm = engine.get_global_grad_norm()
             if norm is not None:
                 metrics["grad_norm"] = float(norm)
+                if not math.isfinite(float(norm)):  # global norm: every rank sees the same value
+                    last = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else "none"
+                    raise NonFiniteLossError(
+                        f"non-finite gradient norm ({float(norm)}) at optimizer step {step} with a finite loss "
+                        f"({metrics['loss']:.4g}); stopping before this step's weights are saved. The last good "
+                        f"checkpoint ({last} in {ckpt_dir}) is kept; lower train.lr or check the data, then rerun "
+                        f"the same command to resume from it"
+                    )
             result.final_loss = metrics["loss"]
             if step % cfg.train.log_every == 0 or step == total_steps:
                 tracker.log_metrics(metrics, step)
@@ -369,6 +381,8 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
                     f"{metrics['tokens_per_s']:.0f} tok/s {seconds:.2f}s/step")
                 # No per-step ray.train.report: each call blocks ~2 s in Ray Train V2 (measured),
                 # which cost 94% of Ray's throughput. MLflow gets every step; Ray gets the end.
+            if fault_step_delay:
+                time.sleep(fault_step_delay)  # fault injection for tests (TSD_INJECT_STEP_DELAY_S): act mid-run
 
             for kind in due_switches(engine.module, tsd_cfg, step):
                 rep = sharded_switch(engine.module, kind, step, tsd_cfg.svd_dtype, cfg.method.svd_cache)

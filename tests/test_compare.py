@@ -96,6 +96,8 @@ def test_files_and_comparison_run(store, tmp_path):
     out = compare_experiment(store, EXP, out_dir=tmp_path / "cmp", digits=2, log_run=True)
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| LoRA-Dash | 8 | 72.00 ± 2.00 | 82.00 ± 2.65 | - | 77.00 ± 2.29 | 0.8302 | 3 |" in md
+    # Paired with LoRA r=8, which ran seed 1 only: 75.00 - 71.50 (LoRA's mean of its tasks).
+    assert "| LoRA-Dash | 8 | 3.50 | s1: +3.50 | 1 / 0 | 1 |" in md
     rows = list(csv.DictReader(io.StringIO((tmp_path / "cmp" / "comparison.csv").read_text())))
     dash = next(r for r in rows if r["method"] == "dash")
     assert float(dash["boolq_mean"]) == pytest.approx(72.0) and float(dash["piqa_std"]) == pytest.approx(math.sqrt(7))
@@ -135,3 +137,20 @@ def test_run_result_skips_foreign_runs():
     assert run_result(run({"method.method": "dash"}, tags={"tsd.kind": "comparison"})) is None
     res = run_result(run({"method.method": "init", "method.r": "16"}, {"acc_piqa": 0.5, "acc_avg": float("nan")}))
     assert (res.method, res.r, res.acc, res.avg) == ("init", 16, {"piqa": 50.0}, 50.0)
+
+
+def test_paired_with_lora_matches_the_seed_by_seed_differences():
+    from pipeline.compare import RunResult, paired_with_lora
+
+    def run(method, r, seed, avg):
+        return RunResult(f"{method}{r}{seed}", "", method, r, seed, None, {"t": avg}, avg)
+
+    runs = [run("lora", 4, s, a) for s, a in (("0", 50.0), ("1", 52.0), ("2", 54.0))]
+    runs += [run("dash", 4, s, a) for s, a in (("0", 53.0), ("1", 51.0), ("2", 58.0), ("7", 99.0))]
+    runs += [run("init", 4, "0", 40.0), run("init", 4, "0", 41.0)]  # seed 0 twice: ambiguous, skipped
+    runs += [run("tsd", 8, "0", 60.0)]  # no LoRA at r=8: no pair
+    (dash,) = paired_with_lora(build_table(runs))
+    assert (dash.method, dash.r, dash.seeds) == ("dash", 4, ["0", "1", "2"])
+    assert dash.diffs.values == [3.0, -1.0, 4.0]
+    assert dash.diffs.mean == pytest.approx(2.0) and dash.diffs.std == pytest.approx(math.sqrt(7.0))
+    assert (dash.wins, dash.losses) == (2, 1)

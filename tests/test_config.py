@@ -78,3 +78,44 @@ def test_overrides_and_file_errors(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+def test_several_training_files_and_test_sets(tmp_path):
+    """The paper's shape: one training mixture, several test sets each with its task."""
+    from pipeline.paths import resolve_paths
+
+    cfg = from_dict(_with(data={"train": ["a.json", "b.json"], "test": ["quartz=q/test.json", "s.json"], "task": "boolq"}))
+    assert cfg.data.train == ["a.json", "b.json"]
+    assert cfg.data.test_sets() == {"quartz": "q/test.json", "boolq": "s.json"}
+    # A single path (the older form) is a one-item list; no test set at all is allowed.
+    assert from_dict(_with(data={"train": "d.json", "test": "t.json", "task": "piqa"})).data.test_sets() == {"piqa": "t.json"}
+    assert from_dict(MIN).data.test_sets() == {}
+    # Relative paths resolve against the launch folder; the task= prefix stays.
+    resolved = resolve_paths(cfg, tmp_path).data
+    assert resolved.train == [str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    assert resolved.test == [f"quartz={tmp_path / 'q/test.json'}", str(tmp_path / "s.json")]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"test": ["t.json"]}, "data.task: required with data.test entry 't.json'"),
+        ({"test": ["piqa=a.json", "piqa=b.json"]}, "data.test[1]: task 'piqa' is given twice"),
+        ({"test": ["=a.json"]}, "data.test[0]: '=a.json': expected task=path or a path"),
+        ({"train": []}, "data.train: required"),
+    ],
+)
+def test_bad_data_lists_name_the_entry(data, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        from_dict(_with(data={"train": "d.json", **data}), "x.yaml")
+
+
+def test_training_files_are_used_together_in_order(tmp_path):
+    import json
+
+    from pipeline.data import load_many
+
+    for name, answer in (("a.json", "answer1"), ("b.json", "true")):
+        (tmp_path / name).write_text(json.dumps([{"instruction": f"q {name}", "output": answer, "answer": answer}]))
+    rows = load_many([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [r["answer"] for r in rows] == ["answer1", "true"]

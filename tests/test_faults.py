@@ -1,5 +1,5 @@
-"""Numerical faults with 2 ranks: a NaN loss stops the run cleanly (last good checkpoint kept,
-no adapter that looks complete, MLflow run FAILED)."""
+"""Numerical faults with 2 ranks: a NaN loss, or a NaN gradient behind a finite loss, stops the
+run cleanly (last good checkpoint kept, no adapter that looks complete, MLflow run FAILED)."""
 
 from pathlib import Path
 
@@ -16,7 +16,7 @@ def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("faults") / "model")
 
 
-def _run(tmp_path, model_dir, mode):
+def _run(tmp_path, model_dir, mode, fault="TSD_INJECT_NAN_AT_STEP"):
     cfg = yaml.safe_load((ROOT / "configs/tiny_cpu.yaml").read_text())
     cfg.update(name=f"nan-{mode}", output_dir=str(tmp_path / "runs"))
     cfg["model"]["path"] = str(model_dir)
@@ -26,7 +26,7 @@ def _run(tmp_path, model_dir, mode):
     cfg["tracking"].update(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="faults")
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = torchrun_worker(path, TSD_INJECT_NAN_AT_STEP="3")
+    proc = torchrun_worker(path, **{fault: "3"})
     return proc, tmp_path / "runs" / f"nan-{mode}"
 
 
@@ -47,4 +47,15 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_fails_the_run(tmp_path, m
     assert (run_dir / "checkpoints/latest").read_text().strip() == "step2"
     assert not (run_dir / "checkpoints/step3").exists()
     assert not (run_dir / "adapter").exists(), "a stopped run must not leave an adapter that looks complete"
+    assert _run_status(tmp_path).info.status == "FAILED"
+
+
+def test_nan_gradient_with_a_finite_loss_stops_before_saving_the_step(tmp_path, model_dir):
+    proc, run_dir = _run(tmp_path, model_dir, "grad", fault="TSD_INJECT_NAN_GRAD_AT_STEP")
+    assert proc.returncode != 0
+    assert "non-finite gradient norm (nan) at optimizer step 3 with a finite loss" in proc.stderr
+    assert "The last good checkpoint (step2" in proc.stderr
+    assert (run_dir / "checkpoints/latest").read_text().strip() == "step2"
+    assert not (run_dir / "checkpoints/step3").exists()
+    assert not (run_dir / "adapter").exists()
     assert _run_status(tmp_path).info.status == "FAILED"

@@ -38,7 +38,9 @@ def _config(workdir: Path, name: str, method: str = "dash") -> Path:
     cfg["output_dir"] = str(workdir / "runs")
     cfg["model"]["path"] = str(workdir / "model")
     cfg["data"]["train"] = str(ROOT / "tests/data/tiny_train.json")
-    cfg["data"].update(test=str(ROOT / "tests/data/tiny_train.json"), task="social_i_qa")
+    # Two test sets, as the paper evaluates several tasks after one training run.
+    tiny = str(ROOT / "tests/data/tiny_train.json")
+    cfg["data"].update(test=[tiny, f"ARC-Easy={tiny}"], task="social_i_qa")
     cfg["train"].update(eval_limit=4, eval_num_beams=2, eval_max_new_tokens=6)
     cfg["method"]["method"] = method
     cfg["deepspeed"]["config"] = str(ROOT / "configs/deepspeed/zero3.json")
@@ -100,6 +102,9 @@ def test_ray_run_produces_one_complete_mlflow_run(workdir, ray_run):
     preds = [json.loads(l) for l in (ray_run["dir"] / "eval/predictions/social_i_qa.jsonl").read_text().splitlines()]
     assert len(preds) == 4
     assert s["metrics"]["acc_social_i_qa"] == pytest.approx(sum(p["correct"] for p in preds) / 4)
+    arc = [json.loads(l) for l in (ray_run["dir"] / "eval/predictions/ARC-Easy.jsonl").read_text().splitlines()]
+    assert len(arc) == 4 and s["metrics"]["acc_ARC-Easy"] == pytest.approx(sum(p["correct"] for p in arc) / 4)
+    assert s["metrics"]["acc_avg"] == pytest.approx((s["metrics"]["acc_social_i_qa"] + s["metrics"]["acc_ARC-Easy"]) / 2)
     # The logged direction table is the adapter's own selection.
     rows = json.loads(Path(s["artifact_uri"].removeprefix("file://"), "directions/dash/directions.json").read_text())
     state = load_file(str(ray_run["dir"] / "adapter/tsd_state.safetensors"))

@@ -225,6 +225,67 @@ def test_unreachable_tracking_server_fails_fast_with_the_uri_masked(workdir):
     assert not (workdir / "runs/no-tracking").exists()
 
 
+def _server(env: dict, action: str) -> str:
+    proc = subprocess.run([str(ROOT / "launch/mlflow_server.sh"), action], env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+
+
+def test_tracking_server_going_away_mid_run_loses_no_metric(workdir):
+    """The server dies after step 2 and comes back from step 5 on (same store): training never
+    stops, and every step's loss, the switch's direction table (step 4, server down) and the
+    adapter reach the one run."""
+    import mlflow
+
+    srv = workdir / "srv-outage"
+    env = {**os.environ, "MLFLOW_DIR": str(srv), "PORT": str(_closed_port()), "PYTHON": sys.executable}
+    uri = _server(env, "start")
+    cfg = _base_config(workdir, "outage")
+    cfg["method"].update(method="dash", switch_step=4)
+    cfg["train"].update(max_steps=20)
+    cfg["tracking"].update(uri=uri, experiment="outage")
+    path = workdir / "outage.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pipeline.worker", str(path)]
+    log = (workdir / "outage.log").open("w")
+    train = subprocess.Popen(cmd, cwd=ROOT, env=_env(TSD_INJECT_STEP_DELAY_S="2"), stdout=log,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        def wait_for(text: str, timeout: float = 300):
+            t0 = time.monotonic()
+            while text not in (workdir / "outage.log").read_text():
+                assert train.poll() is None, f"training ended before {text!r}:\n{(workdir / 'outage.log').read_text()[-4000:]}"
+                assert time.monotonic() - t0 < timeout, f"no {text!r} in {timeout}s"
+                time.sleep(0.2)
+
+        wait_for("step 2/20")
+        _server(env, "stop")  # the switch (step 4) happens with no server
+        wait_for("step 5/20")
+        assert _server(env, "start") == uri
+        assert train.wait(timeout=300) == 0, (workdir / "outage.log").read_text()[-4000:]
+    finally:
+        if train.poll() is None:
+            os.killpg(train.pid, signal.SIGKILL)
+        log.close()
+        _server(env, "stop")
+    out = (workdir / "outage.log").read_text()
+    assert "WARNING" in out and "tracking" in out.lower()
+    assert (workdir / "runs/outage/adapter/tsd_state.safetensors").is_file()  # written locally first
+    _server(env, "start")
+    try:
+        client = mlflow.MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
+        assert run.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == list(range(1, 21))
+        arts = {a.path for a in client.list_artifacts(run.info.run_id, "directions/dash")}
+        assert "directions/dash/directions.csv" in arts
+        assert any(a.path == "adapter/tsd_state.safetensors" for a in client.list_artifacts(run.info.run_id, "adapter"))
+    finally:
+        _server(env, "stop")
+
+
 def test_offline_run_trains_without_the_tracking_server(workdir):
     port = _closed_port()
     cfg = _base_config(workdir, "offline")
