@@ -1,6 +1,7 @@
 """Numerical faults with 2 ranks: a NaN loss, or a NaN gradient behind a finite loss, stops the
 run cleanly (last good checkpoint kept, no adapter that looks complete, MLflow run FAILED)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,8 @@ def test_nan_loss_stops_keeps_last_good_checkpoint_and_fails_the_run(tmp_path, m
 def test_nan_gradient_with_a_finite_loss_stops_before_saving_the_step(tmp_path, model_dir):
     proc, run_dir = _run(tmp_path, model_dir, "grad", fault="TSD_INJECT_NAN_GRAD_AT_STEP")
     assert proc.returncode != 0
-    assert "non-finite gradient norm (nan) at optimizer step 3 with a finite loss" in proc.stderr
+    # DeepSpeed's global norm reports a NaN gradient as inf
+    assert re.search(r"non-finite gradient norm \((nan|inf)\) at optimizer step 3 with a finite loss", proc.stderr)
     assert "The last good checkpoint (step2" in proc.stderr
     assert (run_dir / "checkpoints/latest").read_text().strip() == "step2"
     assert not (run_dir / "checkpoints/step3").exists()
