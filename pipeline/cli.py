@@ -96,14 +96,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     try:
         out = compare_experiment(uri, args.experiment, out_dir=args.out, digits=args.digits,
-                                 log_run=args.log_run, log_to=args.log_to)  # fmt: skip
+                                 log_run=args.log_run, log_to=args.log_to, loss_window=args.loss_window)  # fmt: skip
     except CompareError as e:
         return _fail(str(e))
     print(out["text"])
     if out["paired"]:
-        from pipeline.compare import format_paired_markdown
-
-        print(f"\nPaired with LoRA (same rank and seed):\n{format_paired_markdown(out['paired'], args.digits)}")
+        print(out["paired"].rstrip())
     for f in out["files"]:
         print(f"wrote {f}")
     if out["run_id"]:
@@ -168,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--digits", type=int, default=1, help="decimals of the printed accuracies")
     c.add_argument("--log-run", action="store_true", help="log the outputs to a new run named 'comparison'")
     c.add_argument("--log-to", default=None, metavar="RUN_ID", help="log the outputs to this existing run")
+    c.add_argument("--loss-window", type=int, default=0, metavar="N",
+                   help="also pair the mean training loss of the last N logged steps with LoRA (same seed = same batches)")
     c.set_defaults(func=cmd_compare)
 
     a = sub.add_parser("analyze", help="overlap of the selected directions across adapters and layers")

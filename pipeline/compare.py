@@ -26,7 +26,7 @@ import io
 import math
 import os
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -327,24 +327,32 @@ class Paired:
     method: str
     r: int | None
     seeds: list[str]
-    diffs: Cell  # method avg - LoRA avg, one per shared seed (percentage points)
+    diffs: Cell  # method - LoRA, one per shared seed (accuracy: percentage points)
+    higher_is_better: bool = True
 
     @property
     def wins(self) -> int:
-        return sum(d > 0 for d in self.diffs.values)
+        return sum((d > 0) if self.higher_is_better else (d < 0) for d in self.diffs.values)
 
     @property
     def losses(self) -> int:
-        return sum(d < 0 for d in self.diffs.values)
+        return sum((d < 0) if self.higher_is_better else (d > 0) for d in self.diffs.values)
 
 
-def paired_with_lora(table: Table) -> list[Paired]:
+def paired_with_lora(table: Table, value: Callable[[RunResult], float | None] = lambda run: run.avg,
+                     higher_is_better: bool = True) -> list[Paired]:
     """Each non-LoRA row against the LoRA row of its rank, over the seeds both ran (a seed run
-    twice in a group is ambiguous and skipped)."""
+    twice in a group is ambiguous and skipped). `value` picks what is compared (default: the
+    average accuracy)."""
 
     def by_seed(row: Row) -> dict[str, float]:
         seeds = [r.seed for r in row.runs]
-        return {r.seed: r.avg for r in row.runs if r.seed is not None and r.avg is not None and seeds.count(r.seed) == 1}
+        out = {}
+        for run in row.runs:
+            v = value(run)
+            if run.seed is not None and v is not None and seeds.count(run.seed) == 1:
+                out[run.seed] = v
+        return out
 
     lora = {row.r: by_seed(row) for row in table.rows if row.method == "lora"}
     out = []
@@ -354,12 +362,28 @@ def paired_with_lora(table: Table) -> list[Paired]:
         mine = by_seed(row)
         seeds = sorted(set(mine) & set(lora[row.r]), key=lambda s: (_float(s) is None, _float(s) or 0.0, s))
         if seeds:
-            out.append(Paired(row.method, row.r, seeds, Cell([mine[s] - lora[row.r][s] for s in seeds])))
+            diffs = Cell([mine[s] - lora[row.r][s] for s in seeds])
+            out.append(Paired(row.method, row.r, seeds, diffs, higher_is_better))
     return out
 
 
-def format_paired_markdown(pairs: Sequence[Paired], digits: int = 1) -> str:
-    out = ["| Method | r | Avg. − LoRA (pp) | per seed | better / worse | n |", "| --- | ---: | ---: | --- | ---: | ---: |"]
+def training_loss_tail(tracking_uri: str, runs: Sequence[RunResult], window: int) -> dict[str, float]:
+    """run_id -> mean of the logged training `loss` over its last `window` steps. With the same
+    seed every method sees the same batches, so paired differences of this are a far finer
+    signal than accuracy on a few hundred test rows (but it is training loss, not accuracy)."""
+    from pipeline.tracking import _client
+
+    client = _client(tracking_uri)
+    out = {}
+    for run in runs:
+        history = sorted(client.get_metric_history(run.run_id, "loss"), key=lambda m: m.step)
+        if history:
+            out[run.run_id] = statistics.fmean(m.value for m in history[-window:])
+    return out
+
+
+def format_paired_markdown(pairs: Sequence[Paired], digits: int = 1, what: str = "Avg. − LoRA (pp)") -> str:
+    out = [f"| Method | r | {what} | per seed | better / worse | n |", "| --- | ---: | ---: | --- | ---: | ---: |"]
     for p in pairs:
         per_seed = ", ".join(f"s{s}: {d:+.{digits}f}" for s, d in zip(p.seeds, p.diffs.values))
         out.append(f"| {method_label(p.method)} | {p.r} | {format_cell(p.diffs, digits)} | {per_seed} | "
@@ -367,16 +391,28 @@ def format_paired_markdown(pairs: Sequence[Paired], digits: int = 1) -> str:
     return "\n".join(out)
 
 
-def write_outputs(table: Table, out_dir: str | os.PathLike, digits: int = 1) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md = out / "comparison.md"
-    text = f"# Experiment {table.experiment}\n\n{format_markdown(table, digits)}\n"
+def paired_sections(table: Table, digits: int = 1, loss_tail: dict[str, float] | None = None,
+                    window: int = 0) -> str:
+    """The paired comparisons as Markdown: accuracy, and training loss when `loss_tail` is given."""
+    text = ""
     pairs = paired_with_lora(table)
     if pairs:
         text += ("\n## Paired with LoRA (same rank, same seed)\n\nDifference of the average accuracy, "
                  "mean ± sample std over seeds.\n\n" + format_paired_markdown(pairs, digits) + "\n")
-    md.write_text(text)
+    if loss_tail:
+        losses = paired_with_lora(table, lambda run: loss_tail.get(run.run_id), higher_is_better=False)
+        if losses:
+            text += (f"\n## Training loss paired with LoRA (mean of the last {window} logged steps)\n\n"
+                     "Same seed = same batches; negative = lower loss than LoRA.\n\n"
+                     + format_paired_markdown(losses, 4, "loss − LoRA") + "\n")
+    return text
+
+
+def write_outputs(table: Table, out_dir: str | os.PathLike, digits: int = 1, paired_text: str = "") -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "comparison.md"
+    md.write_text(f"# Experiment {table.experiment}\n\n{format_markdown(table, digits)}\n{paired_text}")
     csv_path = out / "comparison.csv"
     csv_path.write_text(to_csv(table))
     png = plot_table(table, out / "comparison.png")
@@ -410,8 +446,11 @@ def compare_experiment(
     log_run: bool = False,
     log_to: str | None = None,
     statuses: Sequence[str] = ("FINISHED",),
+    loss_window: int = 0,
 ) -> dict:
-    """Read, tabulate, write and (optionally) log; returns {"table", "text", "paired", "files", "run_id"}."""
+    """Read, tabulate, write and (optionally) log; returns {"table", "text", "paired" (Markdown
+    of the comparisons paired with LoRA; the training loss too when loss_window > 0), "files",
+    "run_id"}."""
     runs = fetch_runs(tracking_uri, experiment, statuses)
     if not runs:
         raise CompareError(
@@ -419,14 +458,16 @@ def compare_experiment(
         )
     table = build_table(runs, experiment)
     text = format_text(table, digits)
+    tail = training_loss_tail(tracking_uri, runs, loss_window) if loss_window > 0 else None
+    paired = paired_sections(table, digits, tail, loss_window)
     files: list[Path] = []
     if out_dir is not None or log_run or log_to:
         if out_dir is None:
             import tempfile
 
             out_dir = tempfile.mkdtemp(prefix="tsd-compare-")
-        files = write_outputs(table, out_dir, digits)
+        files = write_outputs(table, out_dir, digits, paired)
     run_id = None
     if log_run or log_to:
         run_id = log_outputs(files, tracking_uri, experiment, run_id=log_to)
-    return {"table": table, "text": text, "paired": paired_with_lora(table), "files": files, "run_id": run_id}
+    return {"table": table, "text": text, "paired": paired, "files": files, "run_id": run_id}

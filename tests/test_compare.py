@@ -149,8 +149,29 @@ def test_paired_with_lora_matches_the_seed_by_seed_differences():
     runs += [run("dash", 4, s, a) for s, a in (("0", 53.0), ("1", 51.0), ("2", 58.0), ("7", 99.0))]
     runs += [run("init", 4, "0", 40.0), run("init", 4, "0", 41.0)]  # seed 0 twice: ambiguous, skipped
     runs += [run("tsd", 8, "0", 60.0)]  # no LoRA at r=8: no pair
-    (dash,) = paired_with_lora(build_table(runs))
+    table = build_table(runs)
+    (dash,) = paired_with_lora(table)
     assert (dash.method, dash.r, dash.seeds) == ("dash", 4, ["0", "1", "2"])
     assert dash.diffs.values == [3.0, -1.0, 4.0]
     assert dash.diffs.mean == pytest.approx(2.0) and dash.diffs.std == pytest.approx(math.sqrt(7.0))
     assert (dash.wins, dash.losses) == (2, 1)
+
+    # Training loss: lower is better, so a negative difference is a win.
+    loss = {"lora40": 1.0, "lora41": 1.0, "lora42": 1.0, "dash40": 0.9, "dash41": 1.2, "dash42": 0.8}
+    (by_loss,) = paired_with_lora(table, lambda run: loss.get(run.run_id), higher_is_better=False)
+    assert by_loss.diffs.values == pytest.approx([-0.1, 0.2, -0.2]) and (by_loss.wins, by_loss.losses) == (2, 1)
+
+
+def test_loss_window_pairs_the_logged_training_loss(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = default_tracking_uri(tmp_path)
+    ids = {}
+    for method, losses in (("lora", [3.0, 2.0, 1.0]), ("dash", [3.0, 1.5, 0.5])):
+        ids[method] = _run(uri, method, 4, 0, {"acc_boolq": 0.5}, experiment="loss")
+        for step, v in enumerate(losses, start=1):
+            MlflowClient(uri).log_metric(ids[method], "loss", v, step=step)
+    out = compare_experiment(uri, "loss", loss_window=2)
+    # last 2 steps: dash (1.5 + 0.5) / 2 = 1.0, LoRA (2 + 1) / 2 = 1.5 -> -0.5, a win
+    assert "| LoRA-Dash | 4 | -0.5000 | s0: -0.5000 | 1 / 0 | 1 |" in out["paired"]
+    assert "mean of the last 2 logged steps" in out["paired"]
