@@ -41,4 +41,4 @@ for seed in $SEEDS; do
     done
   done
 done
-"$TSD" compare "${EXPERIMENT}" --out "${OUTPUT_DIR:-runs}/compare-${EXPERIMENT}"
+"$TSD" compare "${EXPERIMENT}" --loss-window 10 --out "${OUTPUT_DIR:-runs}/compare-${EXPERIMENT}"

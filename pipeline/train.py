@@ -456,7 +456,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
 def weights_only_checkpoint_engine(current):
     """DeepSpeed's torch checkpoint engine loads with torch.load(weights_only=False), i.e. it
     unpickles: a checkpoint folder from elsewhere could run code when a run resumes from it.
-    This returns an engine that saves the same files but loads them with weights_only=True,
+    This returns an engine that saves the same files (atomically) but loads them with weights_only=True,
     allowing only the plain-data DeepSpeed classes ZeRO-3 checkpoints hold (the stage enum and
     the loss scalers, rebuilt from their attributes with no constructor or setstate code run).
     Any other checkpoint engine configured in the DeepSpeed config is refused, not trusted."""
@@ -467,6 +467,17 @@ def weights_only_checkpoint_engine(current):
     allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str):
+            # Temporary name, then rename: a crash mid-write never leaves a truncated file
+            # under the real name (resume also checks every file it needs).
+            tmp = f"{path}.tmp-{os.getpid()}"
+            try:
+                torch.save(state_dict, tmp, _use_new_zipfile_serialization=self.zipfile_serialization)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
         def load(self, path: str, map_location=None):
             try:
                 with torch.serialization.safe_globals(allowed):

@@ -58,3 +58,23 @@ def test_the_engine_keeps_the_save_format_and_refuses_other_engines():
 
     with pytest.raises(ValueError, match="checkpoint engine OtherEngine is not supported"):
         weights_only_checkpoint_engine(OtherEngine(None))
+
+
+def test_checkpoint_files_are_written_under_a_temporary_name_first(tmp_path, monkeypatch):
+    engine = weights_only_checkpoint_engine(None)
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    engine.save({"w": torch.ones(3)}, str(path))
+    assert torch.equal(engine.load(str(path))["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+    def crash(obj, f, **kw):  # the process dies half-way through writing
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        engine.save({"w": torch.zeros(3)}, str(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no partial file left
+    monkeypatch.undo()
+    assert torch.equal(engine.load(str(path))["w"], torch.ones(3))  # the old file is intact
