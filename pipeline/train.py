@@ -456,9 +456,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
 def weights_only_checkpoint_engine(current):
     """DeepSpeed's torch checkpoint engine loads with torch.load(weights_only=False), i.e. it
     unpickles: a checkpoint folder from elsewhere could run code when a run resumes from it.
-    This returns an engine that saves the same files (atomically) but loads them with weights_only=True,
-    allowing only the plain-data DeepSpeed classes ZeRO-3 checkpoints hold (the stage enum and
-    the loss scalers, rebuilt from their attributes with no constructor or setstate code run).
+    This returns an engine that saves the same files (atomically) but loads them with
+    weights_only=True, allowing only the plain-data DeepSpeed classes ZeRO-3 checkpoints hold
+    (the stage enum and the loss scalers, rebuilt from their attributes, no code of theirs run).
     Any other checkpoint engine configured in the DeepSpeed config is refused, not trusted."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
