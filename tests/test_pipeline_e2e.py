@@ -7,7 +7,6 @@ The Ray run and the launcher run use the same config and seed; their adapters mu
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from proc_group import make_tiny_model, run_group
+from proc_group import free_port, make_tiny_model, run_group
 from proc_group import child_env as _env
 import torch
 import yaml
@@ -161,21 +160,21 @@ def test_ray_job_submit_against_a_local_head_node(workdir, tmp_path):
     cfg = _config(workdir, "job-dash")
     env = _env(RAY_AUTH_MODE="token", HOME=str(tmp_path))  # the token goes to $HOME/.ray/auth_token
     ray = str(BIN / "ray")
-    port = str(_free_port())
+    port = str(free_port())
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # AF_UNIX socket paths must stay < 108 bytes
     gen = subprocess.run([ray, "get-auth-token", "--generate"], env=env, capture_output=True, text=True, timeout=60)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert (tmp_path / ".ray/auth_token").is_file()
     # Every port of its own: another Ray on the machine (a user's run) holds the defaults, and a
     # head whose job agent cannot bind answers "No available agent" to every submission.
-    ports = [str(_free_port()) for _ in range(7)]
+    ports = [str(free_port()) for _ in range(7)]
     start = subprocess.run(
         [ray, "start", "--head", "--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
          "--dashboard-port", port, "--include-dashboard", "true", "--disable-usage-stats",
          "--temp-dir", ray_tmp, "--port", ports[0], "--dashboard-agent-listen-port", ports[1],
          "--dashboard-agent-grpc-port", ports[2], "--runtime-env-agent-port", ports[3],
          "--metrics-export-port", ports[4], "--node-manager-port", ports[5], "--object-manager-port", ports[6],
-         "--ray-client-server-port", str(_free_port())],
+         "--ray-client-server-port", str(free_port())],
         env=env, capture_output=True, text=True, timeout=180,
     )
     try:
@@ -205,12 +204,6 @@ def test_ray_job_submit_against_a_local_head_node(workdir, tmp_path):
     finally:
         _stop_processes_using(ray_tmp)  # not `ray stop`: it kills every Ray on the machine
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop_processes_using(marker: str, grace_s: float = 20.0) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from proc_group import make_tiny_model, run_group, torchrun_worker
+from proc_group import PicklePayload, make_tiny_model, run_group, torchrun_worker
 from proc_group import child_env as _env
 from safetensors.torch import load_file
 
@@ -96,16 +96,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_tag(workdir, full_
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
 
 
-class _Payload:
-    """Unpickling this calls os.makedirs(marker): a stand-in for arbitrary code."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
-
-
 def test_resume_never_unpickles_a_planted_checkpoint(workdir, full_run):
     """The latest checkpoint's optimizer file carries a pickled payload (a whole, valid file):
     the resume refuses it by name and the payload never runs."""
@@ -118,7 +108,7 @@ def test_resume_never_unpickles_a_planted_checkpoint(workdir, full_run):
     victim = ckpt / "step4/zero_pp_rank_0_mp_rank_00_optim_states.pt"
     state = torch.load(victim, weights_only=False)  # the test's own trusted file
     marker = workdir / "payload-ran"
-    state["planted"] = _Payload(str(marker))
+    state["planted"] = PicklePayload(str(marker))
     torch.save(state, victim)
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**full_run, "name": name}))

@@ -4,7 +4,6 @@ the payload is real, so the test fails if the swap stops protecting."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
@@ -13,16 +12,7 @@ from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 
 from pipeline.train import weights_only_checkpoint_engine
-
-
-class _Payload:
-    """Unpickling this calls os.makedirs(marker): a stand-in for arbitrary code."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.makedirs, (self.marker,))
+from proc_group import PicklePayload
 
 
 def test_weights_only_engine_loads_a_zero3_checkpoint_state(tmp_path):
@@ -38,7 +28,7 @@ def test_weights_only_engine_loads_a_zero3_checkpoint_state(tmp_path):
 
 def test_weights_only_engine_refuses_a_pickled_payload(tmp_path):
     path = tmp_path / "evil.pt"
-    torch.save({"module": {"w": torch.ones(2)}, "extra": _Payload(str(tmp_path / "ran-by-ours"))}, path)
+    torch.save({"module": {"w": torch.ones(2)}, "extra": PicklePayload(str(tmp_path / "ran-by-ours"))}, path)
     with pytest.raises(RuntimeError, match=r"evil\.pt: refused by the weights-only load.*GLOBAL os\.makedirs.*never unpickles"):
         weights_only_checkpoint_engine(None).load(str(path))
     assert not (tmp_path / "ran-by-ours").exists()
