@@ -93,9 +93,14 @@ def main() -> None:
                 parts[label] = parts.get(label, 0.0) + time.perf_counter() - t
         setattr(owner, attr, timed_part)
 
-    wrap(SS, "gather_to", "gather W,A,B (gloo gather)")
-    wrap(SS, "weight_key", "cache key (SHA-256 of W)")
+    wrap(SS, "gather_to", "gather (W,A,B per item, or packed A,B)")
+    wrap(SS, "weight_key", "content key (SHA-256 of W)")
+    wrap(SS, "part_digest", "slice digests (SHA-256 of own slices)")
+    wrap(SS.dist, "all_gather", "all-gather digests")
+    wrap(SS.dist, "all_reduce", "all-reduce cached set")
     wrap(svd_cache.SVDCache, "get", "cache read")
+    wrap(svd_cache.SVDCache, "resolve", "alias lookup")
+    wrap(SS, "partition_key", "partition keys")
     wrap(svd_cache.SVDCache, "put", "cache write")
     wrap(SS, "decompose", "SVD")
     wrap(SS, "change_rates", "change rates")
@@ -135,7 +140,9 @@ def main() -> None:
                 continue
             parts.clear()
             w, c, rep = timed(None if kind == "none" else cache)
-            breakdown[kind] = dict(parts, total=w)
+            mine = [None] * world
+            dist.all_gather_object(mine, dict(parts, total=w)) if world > 1 else mine.__setitem__(0, dict(parts, total=w))
+            breakdown[kind] = mine
             if kind == "warm":
                 assert rep.cache_hits == len(rep.decomposed), (rep.cache_hits, len(rep.decomposed))
             t = torch.tensor([c], dtype=torch.float64)
@@ -157,7 +164,7 @@ def main() -> None:
                 {"rss_before_mb": float(t[0]), "peak_mb": float(t[1]), "increase_mb": float(t[2]),
                  "decompose_s": float(t[3]), "cpu_s": float(t[4])} for t in mems],
                 "hwm_reset": hwm_ok, "plan_loads": rep0.plan_loads},
-            "wall": res, "cpu_max_rank": cpu, "breakdown_rank0": breakdown,
+            "wall": res, "cpu_max_rank": cpu, "breakdown": breakdown,
         }
         Path(args.out).write_text(json.dumps(out, indent=1))
     dist.barrier()

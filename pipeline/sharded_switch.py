@@ -1,13 +1,16 @@
 """The switch, spread over all ranks: each rank decomposes only its share of the weights.
 
 1. Every rank builds the same cost-balanced plan (`tsd.plan.shard_plan`).
-2. Rounds: in round j, rank k's j-th item is assembled on rank k alone (`gather_to`: the
-   other ranks send their ZeRO-3 slices of W, A, B), then every rank decomposes its own item
-   at the same time. Memory per rank: one full weight and its factors at a time, never the
-   whole model. An optional SVD cache (keyed by the weights) skips the decomposition.
-3. Every item's selection (indices, sigma, U_s, V_s, change rates) is broadcast from its owner,
-   in plan order, so all ranks hold all directions.
-4. Fill: dash directions are replicated buffers (local copy); LoRA-Init edits the partitioned
+2. With an SVD cache (keyed by the weights), items whose decomposition is on disk are found
+   from each rank's own slices (`tsd.svd_cache.partition_key`): only their small LoRA factors
+   travel to the owner, several items per gather, and no weight is assembled.
+3. Rounds over the rest: in round j, rank k's j-th item is assembled on rank k alone
+   (`gather_to`: the other ranks send their ZeRO-3 slices of W, A, B in one message), then
+   every rank decomposes its own item at the same time. Memory per rank: one full weight and
+   its factors at a time, never the whole model.
+4. Every owner broadcasts all of its selections (indices, sigma, U_s, V_s, change rates) in
+   one message, so all ranks hold all directions.
+5. Fill: dash directions are replicated buffers (local copy); LoRA-Init edits the partitioned
    base weight and LoRA factors (a collective per layer) and their optimizer master copies.
 
 Without a process group (one process) the same code runs the items in order.
@@ -15,6 +18,7 @@ Without a process group (one process) the same code runs the items in order.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -22,11 +26,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tsd.directions import LayerDirections, change_rates, decompose, outside_subspaces, select_directions
+from tsd.directions import (
+    Decomposition,
+    LayerDirections,
+    change_rates,
+    decompose,
+    outside_subspaces,
+    select_directions,
+)
 from tsd.inject import tsd_layers
-from tsd.partition import gather_to, set_master_copy
+from tsd.partition import full_shape, gather_to, local_part, set_master_copy
 from tsd.plan import plan_loads, shard_plan
-from tsd.svd_cache import SVDCache, weight_key
+from tsd.svd_cache import SVDCache, part_digest, partition_key, weight_key
 from tsd.switch import INIT, SwitchItem, excluded_subspaces, fill, switch_items
 
 
@@ -58,32 +69,21 @@ def _comm_device() -> torch.device:
 def _own_directions(
     item: SwitchItem,
     scaling: float,
-    weight: torch.Tensor,
+    dec: Decomposition,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
-    svd_dtype: str,
-    cache: SVDCache | None,
-    report: SwitchReport,
     exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LayerDirections:
-    t0 = time.perf_counter()
-    dec, key = None, None
-    if cache is not None:
-        key = weight_key(weight, svd_dtype)
-        dec = cache.get(key, device=weight.device)
-    if dec is None:
-        dec = decompose(weight, svd_dtype)
-        if cache is not None:
-            cache.put(key, dec)
-    else:
-        report.cache_hits += 1
     rates = change_rates(dec, lora_A, lora_B, scaling)
     if exclude is not None:  # LoRA-TSD's dash switch: never the subspaces LoRA-Init moved out
         rates = torch.where(outside_subspaces(dec, *exclude), rates, torch.zeros_like(rates))
     idx = select_directions(rates, item.count, item.name)
-    report.decompose_seconds += time.perf_counter() - t0
-    report.decomposed.append(item.name)
     return LayerDirections(item.name, idx, dec.S[idx], dec.U[:, idx].contiguous(), dec.V[:, idx].contiguous(), rates)
+
+
+def _selection_size(item: SwitchItem) -> int:
+    m, n = item.shape
+    return (m + n + 2) * item.count + min(m, n)
 
 
 def _pack(d: LayerDirections, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -99,6 +99,55 @@ def _unpack(buf: torch.Tensor, item: SwitchItem) -> LayerDirections:
     # Indices travel as floats of the SVD precision: exact below 2^24 (float32), ample for
     # any min(m, n) a weight has.
     return LayerDirections(item.name, idx.round().long(), sigma, U.view(m, c), V.view(n, c), rates)
+
+
+def _chunks(indices: list[int], size_of, limit: int) -> list[list[int]]:
+    """Consecutive runs of `indices` whose sizes add up to at most `limit` (at least one each)."""
+    out: list[list[int]] = []
+    total = limit + 1
+    for i in indices:
+        if total + size_of(i) > limit:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += size_of(i)
+    return out
+
+
+def _cache_lookup(layers, items, owner, rank, world, svd_dtype, cache, device) -> tuple[dict[int, str], dict[int, str]]:
+    """For this rank's items: the partition keys (aliases), and the content keys of those the
+    cache holds, found without moving a weight: every rank hashes its own slices, and one
+    all-gather shares the digests."""
+    digests = torch.tensor(
+        [list(part_digest(local_part(layers[it.name].base_layer.weight))) for it in items], dtype=torch.uint8
+    ).reshape(len(items), 32)
+    if world > 1:
+        all_digests = [torch.empty_like(digests, device=device) for _ in range(world)]
+        dist.all_gather(all_digests, digests.to(device))
+        all_digests = [d.cpu() for d in all_digests]
+    else:
+        all_digests = [digests]
+    aliases, found = {}, {}
+    for i, it in enumerate(items):
+        if owner[i] != rank:
+            continue
+        w = layers[it.name].base_layer.weight
+        aliases[i] = partition_key(it.shape, w.dtype, svd_dtype, [bytes(d[i].tolist()) for d in all_digests])
+        key = cache.resolve(aliases[i])
+        if key is not None:
+            found[i] = key
+    return aliases, found
+
+
+def _all_ranks_union(mine: set[int], n: int, world: int, device: torch.device) -> set[int]:
+    """The union over ranks of sets of item indices (one all-reduce)."""
+    if world == 1:
+        return set(mine)
+    flags = torch.zeros(n, dtype=torch.int32)
+    flags[sorted(mine)] = 1
+    flags = flags.to(device)
+    dist.all_reduce(flags)
+    return {int(i) for i in torch.nonzero(flags.cpu()).flatten()}
 
 
 def sharded_switch(
@@ -118,39 +167,105 @@ def sharded_switch(
     report = SwitchReport(kind=kind, step=step, world_size=world, plan_loads=plan_loads(items, owner, world))
     cache = SVDCache(cache_dir) if cache_dir else None
     dtype = {"float32": torch.float32, "float64": torch.float64}[svd_dtype]
-
-    # Rounds: rank k's j-th item is assembled on rank k while the others send their slices.
-    # Each rank's queue in descending cost, so the items of one round are of like size and no
-    # rank waits long for another's SVD before the next round's gathers.
+    device = _comm_device()
+    # Each rank's queue in descending cost (the plan's order), so the items of one round are
+    # of like size and no rank waits long for another's SVD before the next round's gather.
     queues = [sorted((i for i in range(len(items)) if owner[i] == k), key=lambda i: (-items[i].cost, i))
               for k in range(world)]
     mine: dict[int, LayerDirections] = {}
-    for j in range(max(len(q) for q in queues)):
-        round_items = [(k, q[j]) for k, q in enumerate(queues) if j < len(q)]
-        full = {}
-        for k, i in round_items:
-            layer = layers[items[i].name]
-            tensors = [gather_to(p, k) for p in (layer.base_layer.weight, layer.lora_A, layer.lora_B)]
-            if k == rank:
-                full[i] = tensors
-        for i, (w, a, b) in full.items():
-            layer = layers[items[i].name]
-            exclude = excluded_subspaces(layer, kind)  # replicated buffers: no communication
-            mine[i] = _own_directions(items[i], layer.scaling, w, a, b, svd_dtype, cache, report, exclude)
-        del full
 
-    # Every rank gets every selection, in plan order.
-    device = _comm_device()
-    results = []
-    for i, item in enumerate(items):
-        if world == 1:
-            results.append(mine[i])
+    def own(i: int, dec: Decomposition, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        layer = layers[items[i].name]
+        exclude = excluded_subspaces(layer, kind)  # replicated buffers: no communication
+        mine[i] = _own_directions(items[i], layer.scaling, dec, lora_A, lora_B, exclude)
+        report.decomposed.append(items[i].name)
+
+    # 1. Warm cache: items whose decomposition is on disk need only their (small) LoRA
+    #    factors at the owner: packed, several items per gather, no weight moves.
+    late_misses: set[int] = set()
+    aliases, keys = _cache_lookup(layers, items, owner, rank, world, svd_dtype, cache, device) if cache else ({}, {})
+    cached = _all_ranks_union(set(keys), len(items), world, device) if cache else set()
+    if cached:
+        def factor_bytes(i: int) -> int:
+            layer = layers[items[i].name]
+            return sum(math.prod(full_shape(p)) * p.element_size() for p in (layer.lora_A, layer.lora_B))
+
+        # A gather holds at most as many bytes as the largest weight, which the switch holds anyway.
+        limit = max(math.prod(it.shape) * layers[it.name].base_layer.weight.element_size() for it in items)
+        # Round j: every rank's j-th chunk is gathered to it, then each processes its own, side by side.
+        chunks = [_chunks([i for i in queues[k] if i in cached], factor_bytes, limit) for k in range(world)]
+        for j in range(max(len(c) for c in chunks)):
+            assembled = None
+            for k in range(world):
+                if j < len(chunks[k]):
+                    lora = [p for i in chunks[k][j] for p in (layers[items[i].name].lora_A, layers[items[i].name].lora_B)]
+                    full = gather_to(lora, k)
+                    if k == rank:
+                        assembled = full
+                    del full
+            if assembled is None:
+                continue
+            for n, i in enumerate(chunks[rank][j]):
+                t0 = time.perf_counter()
+                dec = cache.get(keys[i], device=assembled[2 * n].device)
+                if dec is None:  # damaged since it was looked up: assembled and decomposed below
+                    late_misses.add(i)
+                    continue
+                own(i, dec, assembled[2 * n], assembled[2 * n + 1])
+                report.cache_hits += 1
+                report.decompose_seconds += time.perf_counter() - t0
+            del assembled
+        cached -= _all_ranks_union(late_misses, len(items), world, device)
+
+    # 2. Rounds over the rest: rank k's j-th item is assembled on rank k (its weight and LoRA
+    #    factors in one gather) while the others send their slices; then every rank decomposes
+    #    its own item at the same time. Memory: one full weight and its factors per rank.
+    queues = [[i for i in q if i not in cached] for q in queues]
+    for j in range(max(len(q) for q in queues)):
+        assembled = None
+        for k, q in enumerate(queues):  # all of the round's gathers first, then the SVDs run side by side
+            if j < len(q):
+                layer = layers[items[q[j]].name]
+                full = gather_to([layer.base_layer.weight, layer.lora_A, layer.lora_B], k)
+                if k == rank:
+                    assembled = (q[j], *full)
+                del full
+        if assembled is None:
             continue
-        m, n = item.shape
-        size = (m + n + 2) * item.count + min(m, n)
-        buf = _pack(mine[i], dtype, device) if owner[i] == rank else torch.empty(size, dtype=dtype, device=device)
-        dist.broadcast(buf, src=owner[i])
-        results.append(_unpack(buf, item))
+        t0 = time.perf_counter()
+        i, weight, lora_A, lora_B = assembled
+        del assembled
+        dec = None
+        if cache is not None:
+            key = weight_key(weight, svd_dtype)
+            dec = cache.get(key, device=weight.device)  # decomposed before, under another partitioning
+        if dec is None:
+            dec = decompose(weight, svd_dtype)
+            if cache is not None:
+                cache.put(key, dec)
+        else:
+            report.cache_hits += 1
+        if cache is not None:
+            cache.put_alias(aliases[i], key)
+        del weight
+        own(i, dec, lora_A, lora_B)
+        report.decompose_seconds += time.perf_counter() - t0
+        del dec, lora_A, lora_B
+
+    # 3. Every rank gets every selection: each owner broadcasts all of its own, packed.
+    results: list[LayerDirections | None] = [mine.get(i) for i in range(len(items))]
+    if world > 1:
+        for k in range(world):
+            own_items = [i for i in range(len(items)) if owner[i] == k]
+            if not own_items:
+                continue
+            if k == rank:
+                buf = torch.cat([_pack(mine[i], dtype, device) for i in own_items])
+            else:
+                buf = torch.empty(sum(_selection_size(items[i]) for i in own_items), dtype=dtype, device=device)
+            dist.broadcast(buf, src=k)
+            for i, part in zip(own_items, torch.split(buf, [_selection_size(items[i]) for i in own_items])):
+                results[i] = _unpack(part, items[i])
 
     for d in results:
         layer = layers[d.name]
@@ -159,8 +274,6 @@ def sharded_switch(
             A, B = layer.init_factors(d)
             set_master_copy(layer.lora_A, A)
             set_master_copy(layer.lora_B, B)
-    if cache is not None:
-        report.cache_hits = cache.hits
     report.directions = results
     report.seconds = time.perf_counter() - t_start
     return report

@@ -9,7 +9,7 @@ from pipeline.sharded_switch import sharded_switch
 from tsd import TSDConfig, inject, run_switch, tsd_layers
 from tsd.directions import decompose
 from tsd.plan import plan_loads, shard_plan
-from tsd.svd_cache import SVDCache, weight_key
+from tsd.svd_cache import SVDCache, part_digest, partition_key, weight_key
 from tsd.switch import SwitchItem
 
 
@@ -56,6 +56,29 @@ def test_cache_key_follows_the_weights_and_entries_round_trip(tmp_path):
     assert cache.get(k) is None  # a damaged entry is a miss, never an error
 
 
+def test_partition_key_names_the_slices_in_order_and_aliases_fail_safe(tmp_path):
+    w = torch.randn(10, 7)
+    flat = w.reshape(-1)
+    halves = [part_digest(flat[:35]), part_digest(flat[35:])]
+    key = partition_key((10, 7), w.dtype, "float32", halves)
+    assert key == partition_key((10, 7), w.dtype, "float32", [part_digest(flat[:35].clone()), halves[1]])
+    assert key != partition_key((10, 7), w.dtype, "float32", halves[::-1])
+    assert key != partition_key((10, 7), w.dtype, "float64", halves)
+    assert key != partition_key((10, 7), w.dtype, "float32", [part_digest(flat)])  # another world size
+    assert part_digest(flat[:35]) != part_digest((flat + 1e-6)[:35])
+
+    cache = SVDCache(tmp_path)
+    content = weight_key(w, "float32")
+    assert cache.resolve(key) is None
+    cache.put_alias(key, content)
+    assert cache.resolve(key) is None  # the alias names an entry that is not there
+    cache.put(content, decompose(w))
+    assert cache.resolve(key) == content
+    cache.alias_path(key).write_text("../../etc/passwd")
+    assert cache.resolve(key) is None  # a damaged alias is a miss, never a path
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 def _model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -76,7 +99,13 @@ def test_single_process_sharded_switch_with_cold_and_warm_cache_equals_run_switc
     cold = sharded_switch(_model(), "dash", 1, cache_dir=str(tmp_path))
     warm = sharded_switch(_model(), "dash", 1, cache_dir=str(tmp_path))
     assert cold.cache_hits == 0 and warm.cache_hits == len(ref)
-    assert len(list(tmp_path.glob("*.safetensors"))) == len(ref)
-    for r, c, w in zip(ref, cold.directions, warm.directions):
+    assert len(list(tmp_path.glob("*.safetensors"))) == len(ref) == len(list(tmp_path.glob("*.alias")))
+    for alias in tmp_path.glob("*.alias"):  # damaged aliases: the weights are hashed again and still hit
+        alias.write_text("garbage")
+    again = sharded_switch(_model(), "dash", 1, cache_dir=str(tmp_path))
+    assert again.cache_hits == len(ref)
+    assert all(len(a.read_text()) == 64 for a in tmp_path.glob("*.alias"))  # and the aliases are rewritten
+    for r, c, w, a in zip(ref, cold.directions, warm.directions, again.directions):
         assert torch.equal(r.indices, c.indices) and torch.equal(c.indices, w.indices)
+        assert torch.equal(w.indices, a.indices)
         torch.testing.assert_close(r.change_rates, w.change_rates)

@@ -101,6 +101,32 @@ def test_distributed_selection_equals_single_process_reference(run, rank):
                 torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_svd_cache_under_zero3_warm_switch_assembles_no_weight_and_selects_the_same(run):
+    from tsd.svd_cache import SVDCache, weight_key
+
+    cold = [info["cache"]["cold"] for info in run["infos"]]
+    warm = [info["cache"]["warm"] for info in run["infos"]]
+    n_items = sum(c["owned"] for c in cold)
+    assert [c["hits"] for c in cold] == [0, 0]
+    assert all(c["weights_gathered"] == n_items for c in cold)  # each rank takes part in every gather
+    assert [w["hits"] for w in warm] == [w["owned"] for w in warm] and sum(w["owned"] for w in warm) == n_items
+    assert [w["weights_gathered"] for w in warm] == [0, 0]
+    for t in run["ranks"]:
+        names = [k.split(".", 1)[1].rsplit(".", 1)[0] for k in t if k.startswith("sel_warm.") and k.endswith(".indices")]
+        assert len(names) == n_items
+        for name in names:
+            assert torch.equal(t[f"sel_warm.{name}.indices"], t[f"sel_dash.{name}.indices"]), name
+            assert torch.equal(t[f"sel_cold.{name}.indices"], t[f"sel_dash.{name}.indices"]), name
+            torch.testing.assert_close(t[f"sel_warm.{name}.rates"], t[f"sel_cold.{name}.rates"])
+    # Entries are stored under the whole weight's content key, so a run with another world size
+    # (here: a single process hashing the gathered weight) finds them.
+    cache = SVDCache(run["out"] / "svd-cache")
+    t = run["ranks"][0]
+    for name in names:
+        assert cache.path(weight_key(t[f"before_dash.{name}.W"], "float32")).is_file(), name
+    assert len(list(cache.folder.glob("*.alias"))) == n_items
+
+
 def test_dash_state_identical_across_ranks_and_trained(run):
     r0, r1 = run["ranks"]
     scalar_keys = [k for k in r0 if k.startswith("scalars.")]

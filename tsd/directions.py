@@ -83,9 +83,11 @@ def change_rates(dec: Decomposition, lora_A: torch.Tensor, lora_B: torch.Tensor,
     eps and letting an arbitrary null-space vector win.
     """
     dt = dec.S.dtype
-    UtB = dec.U.mT @ lora_B.to(dt)  # (k, r)
-    AV = lora_A.to(dt) @ dec.V  # (r, k)
-    numer = (UtB * AV.mT).sum(dim=1).abs() * scaling
+    # (r, k) both: B^T U, not U^T B, keeps the small factor on the left, ~4x faster on CPU
+    # BLAS for either memory order of U (it is most of a warm-cache switch's time).
+    BtU = lora_B.to(dt).mT @ dec.U
+    AV = lora_A.to(dt) @ dec.V
+    numer = (BtU * AV).sum(dim=0).abs() * scaling
     m, n = dec.U.shape[0], dec.V.shape[0]
     nonzero = dec.S > rank_tolerance(dec, (m, n))
     return torch.where(nonzero, numer / torch.where(nonzero, dec.S, torch.ones_like(dec.S)), torch.zeros_like(numer))

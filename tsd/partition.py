@@ -41,27 +41,52 @@ def gathered(params: Sequence[torch.Tensor], modifier_rank: int | None = None) -
         yield
 
 
-def gather_to(param: torch.Tensor, dst: int) -> torch.Tensor | None:
-    """The full tensor on rank `dst` only (None elsewhere); every rank must call it.
-
-    Unlike GatheredParameters (an all-gather: every rank holds the whole tensor), only `dst`
-    assembles it, so ranks can each rebuild a different weight at the same time and memory
-    stays at one full weight per rank. ZeRO-3 keeps a parameter as equal flat slices of its
-    row-major data, padded at the end (`ds_tensor`); concatenating the slices in rank order and
-    dropping the padding restores it.
-    """
+def local_part(param: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the parameter's row-major data, without ZeRO-3's padding (the
+    whole tensor, flattened, when it is not partitioned). Concatenated in rank order, the
+    shares are the full tensor."""
     if not is_partitioned(param):
-        return param.data if _rank() == dst else None
+        return param.data.reshape(-1)
+    local = param.ds_tensor.data.reshape(-1)
+    start = _rank() * local.numel()
+    return local[: max(0, min(local.numel(), param.ds_numel - start))]
+
+
+def gather_to(params: Sequence[torch.Tensor], dst: int) -> list[torch.Tensor] | None:
+    """The full tensors on rank `dst` only (None elsewhere), in one collective; every rank
+    must call it with the same parameters.
+
+    Unlike GatheredParameters (an all-gather: every rank holds every tensor), only `dst`
+    assembles them, so ranks can each rebuild a different weight at the same time and memory
+    stays at one full weight per rank. ZeRO-3 keeps a parameter as equal flat slices of its
+    row-major data, padded at the end (`ds_tensor`); each rank sends its slices of all
+    `params` as one byte buffer, and `dst` cuts every parameter's slices back out, in rank
+    order, and drops the padding.
+    """
+    if not any(is_partitioned(p) for p in params):
+        return [p.data for p in params] if _rank() == dst else None
+    if not all(is_partitioned(p) for p in params):
+        raise ValueError("gather_to: either all or none of the parameters must be ZeRO-3 partitioned")
     import torch.distributed as dist
 
-    local = param.ds_tensor.data.reshape(-1)
-    if dist.get_rank() == dst:
-        # Receive straight into views of one buffer: no second copy of the weight.
-        full = torch.empty(local.numel() * dist.get_world_size(), dtype=local.dtype, device=local.device)
-        dist.gather(local, list(full.split(local.numel())), dst=dst)
-        return full[: param.ds_numel].view(param.ds_shape)
-    dist.gather(local, None, dst=dst)
-    return None
+    # Bytes, so that parameters of different dtypes travel together.
+    local = [p.ds_tensor.data.reshape(-1).view(torch.uint8) for p in params]
+    send = local[0] if len(local) == 1 else torch.cat(local)
+    if dist.get_rank() != dst:
+        dist.gather(send, None, dst=dst)
+        return None
+    world = dist.get_world_size()
+    received = torch.empty(world * send.numel(), dtype=torch.uint8, device=send.device)
+    dist.gather(send, list(received.split(send.numel())), dst=dst)
+    by_rank = received.view(world, send.numel())
+    out, offset = [], 0
+    for p, part in zip(params, local):
+        raw = by_rank[:, offset : offset + part.numel()].reshape(-1)  # a view when it is one parameter
+        offset += part.numel()
+        if raw.storage_offset() % p.ds_tensor.element_size():
+            raw = raw.clone()  # a byte offset the dtype cannot be viewed at
+        out.append(raw.view(p.ds_tensor.dtype)[: p.ds_numel].view(p.ds_shape))
+    return out
 
 
 def set_master_copy(param: torch.Tensor, value: torch.Tensor) -> None:

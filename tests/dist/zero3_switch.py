@@ -59,6 +59,21 @@ def snapshot(prefix):
             t[f"{prefix}.{name}.B"] = layer.lora_B.detach().clone()
     return t
 
+# Count the base weights the switch assembles (the warm cache must assemble none).
+import pipeline.sharded_switch as SS  # noqa: E402
+
+base_weights = {id(layer.base_layer.weight) for _, layer in layers}
+moved = []
+_gather_to = SS.gather_to
+
+
+def counting_gather_to(params, dst):
+    moved.append(sum(id(p) in base_weights for p in params))
+    return _gather_to(params, dst)
+
+
+SS.gather_to = counting_gather_to
+
 tensors = {}
 kinds = ["dash"] if method == "dash" else ["init", "dash"]
 info["decomposed"] = {}
@@ -69,6 +84,16 @@ for step, kind in enumerate(kinds, start=1):
     rep = sharded_switch(m, kind, step, "float32")
     info["decomposed"][kind] = rep.decomposed
     info["loads"][kind] = rep.plan_loads
+    if kind == "dash":  # the same switch again with an SVD cache: cold, then warm
+        info["cache"] = {}
+        for phase in ("cold", "warm"):
+            moved.clear()
+            crep = sharded_switch(m, kind, step, "float32", str(out_dir / "svd-cache"))
+            info["cache"][phase] = {"hits": crep.cache_hits, "owned": len(crep.decomposed),
+                                    "weights_gathered": sum(moved)}
+            for d in crep.directions:
+                tensors[f"sel_{phase}.{d.name}.indices"] = d.indices
+                tensors[f"sel_{phase}.{d.name}.rates"] = d.change_rates
     for d in rep.directions:
         tensors[f"sel_{kind}.{d.name}.indices"] = d.indices
         tensors[f"sel_{kind}.{d.name}.U"] = d.U.contiguous()
