@@ -8,9 +8,10 @@
    (`gather_to`: the other ranks send their ZeRO-3 slices of W, A, B in one message), then
    every rank decomposes its own item at the same time. Memory per rank: one full weight and
    its factors at a time, never the whole model.
-4. Every owner broadcasts all of its selections (indices, sigma, U_s, V_s, change rates) in
-   one message, so all ranks hold all directions.
-5. Fill: dash directions are replicated buffers (local copy); LoRA-Init edits the partitioned
+4. After each round (or chunk of cached items) every owner broadcasts what it selected
+   (indices, sigma, U_s, V_s, change rates) in one message and all ranks install it at once,
+   so all ranks hold all directions and none holds more than a round's worth in flight.
+   Installing: dash directions are replicated buffers (local copy); LoRA-Init edits the partitioned
    base weight and LoRA factors (a collective per layer) and their optimizer master copies.
 
 Without a process group (one process) the same code runs the items in order.
@@ -101,6 +102,15 @@ def _unpack(buf: torch.Tensor, item: SwitchItem) -> LayerDirections:
     return LayerDirections(item.name, idx.round().long(), sigma, U.view(m, c), V.view(n, c), rates)
 
 
+def _record(layer, kind: str, d: LayerDirections) -> LayerDirections:
+    """What the report keeps of an installed selection, without holding the broadcast buffer:
+    a dash selection's U_s, V_s are the layer's own buffers (the same values); LoRA-Init's
+    U_r, V_r are copied (r columns)."""
+    if kind == INIT:
+        return LayerDirections(d.name, d.indices.clone(), d.sigma.clone(), d.U.clone(), d.V.clone(), d.change_rates.clone())
+    return LayerDirections(d.name, d.indices.clone(), d.sigma.clone(), layer.dash_U, layer.dash_V, d.change_rates.clone())
+
+
 def _chunks(indices: list[int], size_of, limit: int) -> list[list[int]]:
     """Consecutive runs of `indices` whose sizes add up to at most `limit` (at least one each)."""
     out: list[list[int]] = []
@@ -173,6 +183,7 @@ def sharded_switch(
     queues = [sorted((i for i in range(len(items)) if owner[i] == k), key=lambda i: (-items[i].cost, i))
               for k in range(world)]
     mine: dict[int, LayerDirections] = {}
+    results: list[LayerDirections | None] = [None] * len(items)
 
     def own(i: int, dec: Decomposition, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         layer = layers[items[i].name]
@@ -180,9 +191,34 @@ def sharded_switch(
         mine[i] = _own_directions(items[i], layer.scaling, dec, lora_A, lora_B, exclude)
         report.decomposed.append(items[i].name)
 
+    def share(done: list[list[int]]) -> None:
+        """done[k]: the items rank k has just selected (the same lists on every rank). Each owner
+        broadcasts its selections in one message and every rank installs them at once, so no
+        rank ever holds more than a round's selections beyond the layers' own buffers."""
+        for k, its in enumerate(done):
+            if not its:
+                continue
+            if world == 1:
+                got = [mine.pop(i) for i in its]
+            else:
+                sizes = [_selection_size(items[i]) for i in its]
+                if k == rank:
+                    buf = torch.cat([_pack(mine.pop(i), dtype, device) for i in its])
+                else:
+                    buf = torch.empty(sum(sizes), dtype=dtype, device=device)
+                dist.broadcast(buf, src=k)
+                got = [_unpack(part, items[i]) for i, part in zip(its, torch.split(buf, sizes))]
+            for i, d in zip(its, got):
+                layer = layers[d.name]
+                fill(layer, kind, d, step, modifier_rank=0)
+                if kind == INIT:
+                    A, B = layer.init_factors(d)
+                    set_master_copy(layer.lora_A, A)
+                    set_master_copy(layer.lora_B, B)
+                results[i] = _record(layer, kind, d)
+
     # 1. Warm cache: items whose decomposition is on disk need only their (small) LoRA
     #    factors at the owner: packed, several items per gather, no weight moves.
-    late_misses: set[int] = set()
     aliases, keys = _cache_lookup(layers, items, owner, rank, world, svd_dtype, cache, device) if cache else ({}, {})
     cached = _all_ranks_union(set(keys), len(items), world, device) if cache else set()
     if cached:
@@ -195,7 +231,7 @@ def sharded_switch(
         # Round j: every rank's j-th chunk is gathered to it, then each processes its own, side by side.
         chunks = [_chunks([i for i in queues[k] if i in cached], factor_bytes, limit) for k in range(world)]
         for j in range(max(len(c) for c in chunks)):
-            assembled = None
+            assembled, late = None, set()
             for k in range(world):
                 if j < len(chunks[k]):
                     lora = [p for i in chunks[k][j] for p in (layers[items[i].name].lora_A, layers[items[i].name].lora_B)]
@@ -203,19 +239,20 @@ def sharded_switch(
                     if k == rank:
                         assembled = full
                     del full
-            if assembled is None:
-                continue
-            for n, i in enumerate(chunks[rank][j]):
+            for n, i in enumerate(chunks[rank][j] if assembled is not None else []):
                 t0 = time.perf_counter()
                 dec = cache.get(keys[i], device=assembled[2 * n].device)
                 if dec is None:  # damaged since it was looked up: assembled and decomposed below
-                    late_misses.add(i)
+                    late.add(i)
                     continue
                 own(i, dec, assembled[2 * n], assembled[2 * n + 1])
                 report.cache_hits += 1
                 report.decompose_seconds += time.perf_counter() - t0
+                del dec
             del assembled
-        cached -= _all_ranks_union(late_misses, len(items), world, device)
+            late = _all_ranks_union(late, len(items), world, device)
+            cached -= late
+            share([[i for i in c[j] if i not in late] if j < len(c) else [] for c in chunks])
 
     # 2. Rounds over the rest: rank k's j-th item is assembled on rank k (its weight and LoRA
     #    factors in one gather) while the others send their slices; then every rank decomposes
@@ -230,50 +267,29 @@ def sharded_switch(
                 if k == rank:
                     assembled = (q[j], *full)
                 del full
-        if assembled is None:
-            continue
-        t0 = time.perf_counter()
-        i, weight, lora_A, lora_B = assembled
-        del assembled
-        dec = None
-        if cache is not None:
-            key = weight_key(weight, svd_dtype)
-            dec = cache.get(key, device=weight.device)  # decomposed before, under another partitioning
-        if dec is None:
-            dec = decompose(weight, svd_dtype)
+        if assembled is not None:
+            t0 = time.perf_counter()
+            i, weight, lora_A, lora_B = assembled
+            del assembled
+            dec = None
             if cache is not None:
-                cache.put(key, dec)
-        else:
-            report.cache_hits += 1
-        if cache is not None:
-            cache.put_alias(aliases[i], key)
-        del weight
-        own(i, dec, lora_A, lora_B)
-        report.decompose_seconds += time.perf_counter() - t0
-        del dec, lora_A, lora_B
-
-    # 3. Every rank gets every selection: each owner broadcasts all of its own, packed.
-    results: list[LayerDirections | None] = [mine.get(i) for i in range(len(items))]
-    if world > 1:
-        for k in range(world):
-            own_items = [i for i in range(len(items)) if owner[i] == k]
-            if not own_items:
-                continue
-            if k == rank:
-                buf = torch.cat([_pack(mine[i], dtype, device) for i in own_items])
+                key = weight_key(weight, svd_dtype)
+                dec = cache.get(key, device=weight.device)  # decomposed before, under another partitioning
+            if dec is None:
+                dec = decompose(weight, svd_dtype)
+                if cache is not None:
+                    cache.put(key, dec)
             else:
-                buf = torch.empty(sum(_selection_size(items[i]) for i in own_items), dtype=dtype, device=device)
-            dist.broadcast(buf, src=k)
-            for i, part in zip(own_items, torch.split(buf, [_selection_size(items[i]) for i in own_items])):
-                results[i] = _unpack(part, items[i])
+                report.cache_hits += 1
+            if cache is not None:
+                cache.put_alias(aliases[i], key)
+            del weight
+            own(i, dec, lora_A, lora_B)
+            report.decompose_seconds += time.perf_counter() - t0
+            del dec, lora_A, lora_B
+        # 3. Every owner sends what it selected this round to all ranks, which install it.
+        share([[q[j]] if j < len(q) else [] for q in queues])
 
-    for d in results:
-        layer = layers[d.name]
-        fill(layer, kind, d, step, modifier_rank=0)
-        if kind == INIT:
-            A, B = layer.init_factors(d)
-            set_master_copy(layer.lora_A, A)
-            set_master_copy(layer.lora_B, B)
     report.directions = results
     report.seconds = time.perf_counter() - t_start
     return report
