@@ -156,3 +156,16 @@ def print_footer_load() -> None:
 
 def headline(name: str, value: float) -> None:
     print(f"{name}={value:.4f}", flush=True)
+
+
+def work_dir(prefix: str) -> Path:
+    """A scratch folder for models, SVD caches and run stores (gigabytes for the switch
+    benchmarks), removed when the script exits, also on an error. TSD_BENCH_KEEP=1 keeps it."""
+    import atexit
+    import shutil
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("TSD_BENCH_KEEP") != "1":
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work

@@ -123,7 +123,19 @@ def main() -> None:
     hwm_ok = C.reset_peak_rss()
     wall0, cpu0, rep0 = timed(None)
     peak = C.peak_rss_mb()
-    mem = torch.tensor([rss_before, peak, peak - rss_before, rep0.decompose_seconds, cpu0], dtype=torch.float64)
+    # The floor: what any rank must hold to decompose the largest weight with torch's SVD (LAPACK
+    # gesdd): the assembled weight plus decompose's own peak (its input copy, U, S, V^T and the
+    # workspace), measured the same way in this process, outside the switch.
+    big = max(shapes, key=lambda s: s[0] * s[1])
+    dist.barrier()
+    C.trim_malloc()
+    floor_before = C.rss_mb()
+    C.reset_peak_rss()
+    w = torch.empty(big, dtype=dtype).normal_()
+    dec = tsd.directions.decompose(w, args.svd_dtype)
+    floor = C.peak_rss_mb() - floor_before
+    del w, dec
+    mem = torch.tensor([rss_before, peak, peak - rss_before, rep0.decompose_seconds, cpu0, floor], dtype=torch.float64)
     mems = [torch.zeros_like(mem) for _ in range(world)] if world > 1 else [mem]
     if world > 1:
         dist.all_gather(mems, mem)
@@ -162,7 +174,7 @@ def main() -> None:
             "biggest": biggest, "weight_and_factors_mb": w_and_factors,
             "first_switch": {"wall": wall0, "per_rank": [
                 {"rss_before_mb": float(t[0]), "peak_mb": float(t[1]), "increase_mb": float(t[2]),
-                 "decompose_s": float(t[3]), "cpu_s": float(t[4])} for t in mems],
+                 "decompose_s": float(t[3]), "cpu_s": float(t[4]), "floor_mb": float(t[5])} for t in mems],
                 "hwm_reset": hwm_ok, "plan_loads": rep0.plan_loads},
             "wall": res, "cpu_max_rank": cpu, "breakdown": breakdown,
         }

@@ -31,7 +31,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,15 +42,15 @@ STEP_RE = re.compile(r"\[tsd rank 0\] step (\d+)/(\d+) loss \S+ lr \S+ (\S+) tok
 BIN = Path(C.PYTHON).parent
 
 
-def commands(launcher: str, config: str, sets: list[str], port: int, gpu: bool) -> list[str]:
+def commands(launcher: str, config: str, sets: list[str], port: int, gpu: bool, workers: int = 2) -> list[str]:
     over = [x for s in sets for x in ("--set", s)]
     if launcher == "ray":
         return [str(BIN / "tsd"), "train", config, *over]
     if launcher == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--module", "pipeline.worker",
+        return [str(BIN / "deepspeed"), "--num_gpus", str(workers), "--master_port", str(port), "--module", "pipeline.worker",
                 config, *over]
     if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "pipeline.worker", config, *over]
+        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(workers), "-m", "pipeline.worker", config, *over]
     raise ValueError(launcher)
 
 
@@ -62,7 +61,7 @@ def run_one(launcher: str, args, work: Path, idx: int) -> dict:
     (work / name).mkdir(parents=True, exist_ok=True)
     sets = list(args.sets) + [f"name={name}", f"output_dir={out_dir}", f"tracking.uri={uri}",
                               f"tracking.experiment=bench-{name}"]
-    cmd = commands(launcher, args.config, sets, 29600 + idx, args.gpu)
+    cmd = commands(launcher, args.config, sets, 29600 + idx, args.gpu, args.workers)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RAY_DEDUP_LOGS="0")
     env["PYTHONPATH"] = str(C.ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     lines = []
@@ -139,11 +138,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--skip", type=int, default=3, help="warm-up steps left out of the steady state")
     p.add_argument("--set", dest="extra", action="append", default=[])
+    p.add_argument("--workers", type=int, default=2,
+                   help="workers per run (1 leaves a core of this 2-core machine to Ray's own processes)")
     args = p.parse_args()
     import torch
 
     args.gpu = torch.cuda.is_available()
-    work = Path(tempfile.mkdtemp(prefix="tsd-bench-orch-"))
+    work = C.work_dir("tsd-bench-orch-")
     if args.quick:
         from pipeline.synthetic import make_model_dir
 
@@ -162,7 +163,7 @@ def main() -> None:
         args.repeat = args.repeat or 2
     if args.gpu:
         base += ["workers.use_gpu=true"]
-    args.sets = base + args.extra
+    args.sets = base + [f"workers.num_workers={args.workers}"] + args.extra
     C.print_header("orchestration", args)
     launchers = args.launchers.split(",")
     results = {l: [] for l in launchers}

@@ -23,7 +23,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def main() -> None:
         args.reps = 2 if args.quick else 3
     launches = [int(x) for x in (args.launches or ("1,2" if args.quick else "1,2,2,1")).split(",")]
     C.print_header("switch", args)
-    work = Path(tempfile.mkdtemp(prefix="tsd-bench-switch-"))
+    work = C.work_dir("tsd-bench-switch-")
     mdir = model_dir(args, work)
     runs = {1: [], 2: []}
     for i, n in enumerate(launches):

@@ -107,6 +107,13 @@ def _check_resources(cfg: RunConfig) -> None:
             f"workers: {w.num_workers} workers x {w.cpus_per_worker} CPUs need {w.num_workers * w.cpus_per_worker} "
             f"CPUs; this machine has {cpus} (lower workers.num_workers or workers.cpus_per_worker)"
         )
+    if not w.use_gpu and w.num_workers * w.cpus_per_worker == cpus:
+        # Measured (docs/BENCHMARKS.md, benchmark 4): Ray's own processes take ~0.1 core in
+        # steady state; with no core left for them, CPU workers run ~7% slower than under a
+        # bare launcher, and as fast with one core spare.
+        print(f"[tsd driver] note: the workers take all {cpus} CPUs of this machine, so Ray's own processes "
+              "(~0.1 CPU in steady state) share their cores (2 workers on 2 CPUs: 7% fewer tokens/s than a bare "
+              "launcher). One CPU left free avoids it.", flush=True)
 
 
 def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None = None, ray: bool = True) -> None:
