@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from proc_group import PicklePayload, make_tiny_model, run_group, torchrun_worker
+from proc_group import PicklePayload, free_port, make_tiny_model, run_group, torchrun_worker
 from proc_group import child_env as _env
 from safetensors.torch import load_file
 
@@ -191,16 +190,8 @@ def test_killed_ray_worker_is_restarted_and_resumes_in_the_same_mlflow_run(workd
     assert (workdir / "runs/ray-restart/adapter/tsd_state.safetensors").is_file()
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nothing listens here now
-    return port
-
-
 def test_unreachable_tracking_server_fails_fast_with_the_uri_masked(workdir):
-    port = _closed_port()
+    port = free_port()
     cfg = _base_config(workdir, "no-tracking")
     cfg["tracking"]["uri"] = f"http://alice:s3cret@127.0.0.1:{port}"
     path = workdir / "no-tracking.yaml"
@@ -230,7 +221,7 @@ def test_tracking_server_going_away_mid_run_loses_no_metric(workdir):
     import mlflow
 
     srv = workdir / "srv-outage"
-    env = {**os.environ, "MLFLOW_DIR": str(srv), "PORT": str(_closed_port()), "PYTHON": sys.executable}
+    env = {**os.environ, "MLFLOW_DIR": str(srv), "PORT": str(free_port()), "PYTHON": sys.executable}
     uri = _server(env, "start")
     cfg = _base_config(workdir, "outage")
     cfg["method"].update(method="dash", switch_step=4)
@@ -279,7 +270,7 @@ def test_tracking_server_going_away_mid_run_loses_no_metric(workdir):
 
 
 def test_offline_run_trains_without_the_tracking_server(workdir):
-    port = _closed_port()
+    port = free_port()
     cfg = _base_config(workdir, "offline")
     cfg["tracking"].update(uri=f"http://127.0.0.1:{port}", offline=True)
     path = workdir / "offline.yaml"

@@ -12,13 +12,13 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from proc_group import free_port
 import torch
 
 from pipeline import tracking
@@ -38,12 +38,6 @@ from tsd.directions import LayerDirections, layer_directions
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _directions(n_layers: int = 4, count: int = 3, seed: int = 0) -> list[LayerDirections]:
@@ -254,7 +248,7 @@ def test_disabled_logger_does_nothing(tmp_path):
 
 
 def test_unreachable_server_never_raises_and_keeps_the_buffer(tmp_path, caplog):
-    port = _free_port()  # nothing listens here
+    port = free_port()  # nothing listens here
     logger = RunLogger(f"http://127.0.0.1:{port}", "f" * 32, http_max_retries=0, retry_interval_s=3600,
                        staging_dir=tmp_path / "stage")  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
@@ -319,7 +313,7 @@ def _group_alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_server_script_serves_runs_over_http(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_DIR": str(tmp_path / "srv"), "PORT": str(port), "PYTHON": sys.executable}
     script = str(REPO / "launch" / "mlflow_server.sh")
     pid_file = tmp_path / "srv" / "mlflow_server.pid"
