@@ -126,12 +126,12 @@ def main() -> None:
     # The floor: what any rank must hold to decompose the largest weight with torch's SVD (LAPACK
     # gesdd): the assembled weight plus decompose's own peak (its input copy, U, S, V^T and the
     # workspace), measured the same way in this process, outside the switch.
-    big = max(shapes, key=lambda s: s[0] * s[1])
+    biggest = max(shapes, key=lambda s: s[0] * s[1])
     dist.barrier()
     C.trim_malloc()
     floor_before = C.rss_mb()
     C.reset_peak_rss()
-    w = torch.empty(big, dtype=dtype).normal_()
+    w = torch.empty(biggest, dtype=dtype).normal_()
     dec = tsd.directions.decompose(w, args.svd_dtype)
     floor = C.peak_rss_mb() - floor_before
     del w, dec
@@ -152,9 +152,11 @@ def main() -> None:
                 continue
             parts.clear()
             w, c, rep = timed(None if kind == "none" else cache)
-            mine = [None] * world
-            dist.all_gather_object(mine, dict(parts, total=w)) if world > 1 else mine.__setitem__(0, dict(parts, total=w))
-            breakdown[kind] = mine
+            per_rank = [dict(parts, total=w)]
+            if world > 1:
+                per_rank = [None] * world
+                dist.all_gather_object(per_rank, dict(parts, total=w))
+            breakdown[kind] = per_rank
             if kind == "warm":
                 assert rep.cache_hits == len(rep.decomposed), (rep.cache_hits, len(rep.decomposed))
             t = torch.tensor([c], dtype=torch.float64)
@@ -164,7 +166,6 @@ def main() -> None:
             cpu[kind].append(float(t))
 
     if rank == 0:
-        biggest = max(shapes, key=lambda s: s[0] * s[1])
         mm, nn = biggest
         k = min(mm, nn)
         factor_bytes = 8 if args.svd_dtype == "float64" else 4

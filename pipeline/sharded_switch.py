@@ -149,6 +149,19 @@ def _cache_lookup(layers, items, owner, rank, world, svd_dtype, cache, device) -
     return aliases, found
 
 
+def _gather_round(per_rank: list[list[torch.Tensor] | None], rank: int) -> list[torch.Tensor] | None:
+    """per_rank[k]: the parameters rank k assembles this round (None: nothing). All of a
+    round's gathers run first, so the ranks then work on their own items side by side.
+    Returns this rank's full tensors."""
+    mine = None
+    for k, params in enumerate(per_rank):
+        if params is not None:
+            full = gather_to(params, k)
+            if k == rank:
+                mine = full
+    return mine
+
+
 def _all_ranks_union(mine: set[int], n: int, world: int, device: torch.device) -> set[int]:
     """The union over ranks of sets of item indices (one all-reduce)."""
     if world == 1:
@@ -184,6 +197,10 @@ def sharded_switch(
               for k in range(world)]
     mine: dict[int, LayerDirections] = {}
     results: list[LayerDirections | None] = [None] * len(items)
+
+    def factors(i: int) -> list[torch.Tensor]:
+        layer = layers[items[i].name]
+        return [layer.lora_A, layer.lora_B]
 
     def own(i: int, dec: Decomposition, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         layer = layers[items[i].name]
@@ -223,22 +240,15 @@ def sharded_switch(
     cached = _all_ranks_union(set(keys), len(items), world, device) if cache else set()
     if cached:
         def factor_bytes(i: int) -> int:
-            layer = layers[items[i].name]
-            return sum(math.prod(full_shape(p)) * p.element_size() for p in (layer.lora_A, layer.lora_B))
+            return sum(math.prod(full_shape(p)) * p.element_size() for p in factors(i))
 
         # A gather holds at most as many bytes as the largest weight, which the switch holds anyway.
         limit = max(math.prod(it.shape) * layers[it.name].base_layer.weight.element_size() for it in items)
         # Round j: every rank's j-th chunk is gathered to it, then each processes its own, side by side.
         chunks = [_chunks([i for i in queues[k] if i in cached], factor_bytes, limit) for k in range(world)]
         for j in range(max(len(c) for c in chunks)):
-            assembled, late = None, set()
-            for k in range(world):
-                if j < len(chunks[k]):
-                    lora = [p for i in chunks[k][j] for p in (layers[items[i].name].lora_A, layers[items[i].name].lora_B)]
-                    full = gather_to(lora, k)
-                    if k == rank:
-                        assembled = full
-                    del full
+            late = set()
+            assembled = _gather_round([[p for i in c[j] for p in factors(i)] if j < len(c) else None for c in chunks], rank)
             for n, i in enumerate(chunks[rank][j] if assembled is not None else []):
                 t0 = time.perf_counter()
                 dec = cache.get(keys[i], device=assembled[2 * n].device)
@@ -259,17 +269,12 @@ def sharded_switch(
     #    its own item at the same time. Memory: one full weight and its factors per rank.
     queues = [[i for i in q if i not in cached] for q in queues]
     for j in range(max(len(q) for q in queues)):
-        assembled = None
-        for k, q in enumerate(queues):  # all of the round's gathers first, then the SVDs run side by side
-            if j < len(q):
-                layer = layers[items[q[j]].name]
-                full = gather_to([layer.base_layer.weight, layer.lora_A, layer.lora_B], k)
-                if k == rank:
-                    assembled = (q[j], *full)
-                del full
+        assembled = _gather_round([[layers[items[q[j]].name].base_layer.weight, *factors(q[j])] if j < len(q) else None
+                                   for q in queues], rank)
         if assembled is not None:
             t0 = time.perf_counter()
-            i, weight, lora_A, lora_B = assembled
+            i = queues[rank][j]
+            weight, lora_A, lora_B = assembled
             del assembled
             dec = None
             if cache is not None:
