@@ -93,7 +93,7 @@ def test_change_rates_do_not_depend_on_svd_sign():
     W, A, B = random_problem((20, 12), seed=5)
     dec = tsd.decompose(W, "float64")
     flip = torch.tensor([1.0, -1.0] * 6, dtype=torch.float64)
-    flipped = tsd.Decomposition(U=dec.U * flip, S=dec.S, V=dec.V * flip)
+    flipped = tsd.Decomposition(U=dec.U * flip, S=dec.S, V=dec.V * flip, weight_dtype=dec.weight_dtype)
     torch.testing.assert_close(tsd.change_rates(flipped, A, B, 1.3), tsd.change_rates(dec, A, B, 1.3))
 
 
@@ -158,6 +158,28 @@ def test_numerically_zero_singular_values_never_selected(shape, dtype):
     rates = tsd.change_rates(dec, A, B, 1.0)
     assert torch.isfinite(rates).all() and torch.all(rates[rank:] == 0)
     got = tsd.layer_directions("lowrank", W, A, B, 1.0, rank, dtype)
+    assert sorted(got.indices.tolist()) == list(range(rank))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("svd", list(DTYPES))
+def test_null_directions_judged_by_the_weights_own_precision(weight_dtype, svd):
+    """A rank-5 weight stored in float32 or bf16: its null directions hold the storage's
+    rounding noise (~0.2 eps_w sigma_max). A float64 SVD resolves that noise as non-zero
+    singular values; they must still be rejected (the weight cannot tell them from zero),
+    so both SVD precisions select the 5 real directions. Before the guard knew the weight's
+    precision, float64 on a float32 weight picked 17..22 here."""
+    m, n, rank = 40, 24, 5
+    g = torch.Generator().manual_seed(8)
+    W = (torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)).to(weight_dtype)
+    A, B = torch.randn(4, n, generator=g), torch.randn(m, 4, generator=g)
+    dec = tsd.decompose(W, svd)
+    assert dec.weight_dtype == weight_dtype
+    assert float(dec.S[rank:].max()) < 0.5 * torch.finfo(weight_dtype).eps * float(dec.S[0])  # noise level
+    assert float(dec.S[rank:].min()) > 0  # ... resolved, not exactly zero
+    rates = tsd.change_rates(dec, A, B, 1.0)
+    assert torch.all(rates[rank:] == 0)
+    got = tsd.layer_directions("lowrank", W, A, B, 1.0, rank, svd)
     assert sorted(got.indices.tolist()) == list(range(rank))
 
 

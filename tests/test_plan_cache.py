@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from pipeline.sharded_switch import sharded_switch
 from tsd import TSDConfig, inject, run_switch, tsd_layers
@@ -52,6 +53,12 @@ def test_cache_key_follows_the_weights_and_entries_round_trip(tmp_path):
     assert cache.hits == 1
     for a, b in ((got.U, dec.U), (got.S, dec.S), (got.V, dec.V)):
         assert torch.equal(a, b)
+    assert got.weight_dtype == torch.float32
+    kb = weight_key(w.bfloat16(), "float32")
+    cache.put(kb, decompose(w.bfloat16()))
+    assert cache.get(kb).weight_dtype == torch.bfloat16  # the zero-sigma guard needs it (rank_tolerance)
+    save_file({"U": dec.U.contiguous(), "S": dec.S, "V": dec.V.contiguous()}, str(cache.path(k)))  # an entry from before weight_dtype
+    assert cache.get(k) is None  # ... is recomputed, not trusted with the SVD's precision alone
     cache.path(k).write_bytes(b"not a safetensors file")
     assert cache.get(k) is None  # a damaged entry is a miss, never an error
 

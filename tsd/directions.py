@@ -17,11 +17,16 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class Decomposition:
-    """Thin SVD W = U diag(S) V^T with U (m, k), S (k,) descending, V (n, k), k = min(m, n)."""
+    """Thin SVD W = U diag(S) V^T with U (m, k), S (k,) descending, V (n, k), k = min(m, n).
+
+    `weight_dtype` is the precision W was stored in (bf16, fp32, ...), which may be coarser
+    than the SVD's: it bounds which singular values mean anything (`rank_tolerance`).
+    """
 
     U: torch.Tensor
     S: torch.Tensor
     V: torch.Tensor
+    weight_dtype: torch.dtype
 
 
 @dataclass
@@ -62,16 +67,27 @@ def decompose(weight: torch.Tensor, dtype: str | torch.dtype = "float32") -> Dec
     m, n = w.shape
     if m >= n:
         U, S, Vh = torch.linalg.svd(w, full_matrices=False)
-        return Decomposition(U=U, S=S, V=Vh.mT)
+        return Decomposition(U=U, S=S, V=Vh.mT, weight_dtype=weight.dtype)
     Ut, S, Vht = torch.linalg.svd(w.mT, full_matrices=False)
-    return Decomposition(U=Vht.mT, S=S, V=Ut)
+    return Decomposition(U=Vht.mT, S=S, V=Ut, weight_dtype=weight.dtype)
 
 
 def rank_tolerance(dec: Decomposition, shape: tuple[int, int]) -> float:
-    """Singular values at or below this are numerically zero (NumPy's matrix_rank rule)."""
+    """Singular values at or below this are numerically zero, by the coarser of two limits:
+
+    - the SVD's own error, NumPy's matrix_rank rule: max(m, n) * eps_svd * sigma_max;
+    - the stored weight's rounding: W holds W_exact + E with |E_ij| <= eps_w / 2 |W_ij|, and
+      every singular value moves by at most ||E||_2 (Weyl). For round-to-nearest storage,
+      ||E||_2 measured 0.1-0.3 eps_w * sigma_max on low-rank float32 and bf16 weights
+      (random-matrix estimate: at most ~0.6 eps_w * sigma_max), so eps_w * sigma_max.
+    A float64 SVD of a float32 weight therefore does not promote its rounding noise
+    (~1e-8 sigma_max) to directions: it rejects what a float32 SVD of the same weight rejects.
+    """
     if dec.S.numel() == 0:
         return 0.0
-    return float(max(shape) * torch.finfo(dec.S.dtype).eps * dec.S.max())
+    svd_error = max(shape) * torch.finfo(dec.S.dtype).eps
+    storage_error = torch.finfo(dec.weight_dtype).eps if dec.weight_dtype.is_floating_point else 0.0
+    return float(max(svd_error, storage_error) * dec.S.max())
 
 
 def change_rates(dec: Decomposition, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -23,9 +23,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tsd.directions import Decomposition
+
+
+_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
 
 
 def _hash_bytes(h, t: torch.Tensor) -> None:
@@ -74,8 +78,12 @@ class SVDCache:
             self.misses += 1
             return None
         try:
-            t = load_file(str(p), device=str(device))
-            dec = Decomposition(U=t["U"], S=t["S"], V=t["V"])
+            with safe_open(str(p), framework="pt", device=str(device)) as f:
+                # The stored weight's dtype bounds which singular values count (rank_tolerance);
+                # an entry without it (written before it was recorded) is recomputed.
+                weight_dtype = _DTYPES_BY_NAME[f.metadata()["weight_dtype"]]
+                dec = Decomposition(U=f.get_tensor("U"), S=f.get_tensor("S"), V=f.get_tensor("V"),
+                                    weight_dtype=weight_dtype)
         except Exception:  # a damaged entry is a miss, never an error: it is recomputed
             self.misses += 1
             return None
@@ -84,7 +92,8 @@ class SVDCache:
 
     def put(self, key: str, dec: Decomposition) -> None:
         tensors = {"U": dec.U.contiguous().cpu(), "S": dec.S.contiguous().cpu(), "V": dec.V.contiguous().cpu()}
-        self._write(self.path(key), lambda tmp: save_file(tensors, tmp))
+        meta = {"weight_dtype": str(dec.weight_dtype).removeprefix("torch.")}
+        self._write(self.path(key), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     def alias_path(self, alias: str) -> Path:
         return self.folder / f"{alias}.alias"
