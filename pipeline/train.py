@@ -156,6 +156,18 @@ def lr_lambda_factory(cfg: RunConfig, total_steps: int, state: dict):
     return lr_lambda
 
 
+def restart_schedule(scheduler, sched_state: dict, step: int) -> None:
+    """Start LoRA-Init's main phase's schedule at the next step (local step 0: warm-up's first
+    rate). The switch runs after `engine.step()`, which has already asked the scheduler for the
+    next step's rate under the old phase; that rate is recomputed here, or the first step with
+    fresh Adam moments would run at the old phase's rate."""
+    sched_state["phase_start"] = step
+    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = lr
+    scheduler._last_lr = rates  # what get_last_lr() reports
+
+
 def reset_optimizer_state(engine) -> None:
     """A fresh AdamW (zero moments, step 0) for LoRA-Init's main phase, in place: parameters
     cannot be re-registered with a running ZeRO-3 engine, but their state can be zeroed."""
@@ -388,7 +400,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
                 rep = sharded_switch(engine.module, kind, step, tsd_cfg.svd_dtype, cfg.method.svd_cache)
                 if kind == INIT:
                     reset_optimizer_state(engine)
-                    sched_state["phase_start"] = step
+                    restart_schedule(scheduler, sched_state, step)
                 result.switch_seconds[kind] = rep.seconds
                 log(f"{kind} switch at step {step}: {len(rep.directions)} layers in {rep.seconds:.2f}s "
                     f"(this rank decomposed {len(rep.decomposed)} in {rep.decompose_seconds:.2f}s, "

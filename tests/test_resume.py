@@ -36,12 +36,40 @@ def full_run(tmp_path_factory):
     cfg["data"]["train"] = str(ROOT / "tests/data/tiny_train.json")
     cfg["deepspeed"]["config"] = str(ROOT / "configs/deepspeed/zero3.json")
     cfg["method"].update(method="tsd", switch_step=2, dropout=0.1)
-    cfg["train"].update(max_steps=6, checkpoint_every=1)
-    cfg["tracking"]["offline"] = True
+    cfg["train"].update(max_steps=6, checkpoint_every=1, warmup_steps=2, schedule="linear", log_every=1)
+    cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment="resume")
     path = wd / "full.yaml"
     path.write_text(yaml.safe_dump(cfg))
     _worker(path)
     return wd, cfg
+
+
+def intended_lr(step: int, lr: float, warmup: int, total: int, switch: int) -> float:
+    """METHOD.md's LoRA-Init schedule written out: steps 1..switch run the pre-launch phase's
+    warm-up + linear decay over all steps; from step switch+1 a fresh one over the rest."""
+    start = 0 if step <= switch else switch
+    local, span = step - 1 - start, total - start
+    if local < warmup:
+        return lr * (local + 1) / warmup
+    return lr * (1 - (local - warmup) / (span - warmup))
+
+
+def test_lora_init_restarts_the_schedule_at_the_step_after_the_switch(full_run):
+    """The first step with fresh Adam moments (step 3) runs at the restarted warm-up's first
+    rate (0.5 lr), not the old phase's rate (before the fix it ran at the full lr)."""
+    import mlflow
+
+    wd, cfg = full_run
+    client = mlflow.MlflowClient(cfg["tracking"]["uri"])
+    exp = client.get_experiment_by_name("resume")
+    run = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'full'")[0]
+    got = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    t = cfg["train"]
+    want = {s: intended_lr(s, t["lr"], t["warmup_steps"], t["max_steps"], cfg["method"]["switch_step"]) for s in range(1, 7)}
+    assert [round(want[s] / t["lr"], 6) for s in range(1, 7)] == [0.5, 1.0, 0.5, 1.0, 1.0, 0.5]
+    assert got.keys() == want.keys()
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=1e-6), f"step {s}: lr {got[s]} != intended {want[s]}"
 
 
 @pytest.mark.parametrize("stop_at", [1, 3, 5], ids=["before-switches", "between-init-and-dash", "after-switches"])
