@@ -28,7 +28,7 @@ from torch import nn
 
 from tsd.config import TSDConfig
 from tsd.inject import inject, tsd_layers
-from tsd.layer import TSDLinear
+from tsd.layer import TSDLinear, subtract_update_
 from tsd.partition import gathered
 
 SIDECAR = "tsd_state.safetensors"
@@ -215,6 +215,5 @@ def apply_state(model: nn.Module, config: TSDConfig, state: dict[str, torch.Tens
             )
         if layer.init_done:
             with gathered([layer.base_layer.weight], modifier_rank=0):
-                w = layer.base_layer.weight
-                residual = layer.init_B0.float() @ layer.init_A0.float() * layer.scaling
-                w.copy_((w.float() - residual).to(w.dtype))
+                # the same arithmetic as the switch, so the residual is rebuilt bit for bit
+                subtract_update_(layer.base_layer.weight, layer.init_B0, layer.init_A0, layer.scaling)

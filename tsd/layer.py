@@ -200,11 +200,27 @@ class TSDLinear(nn.Module):
         if directions.indices.numel() != self.r:
             raise ValueError(f"{directions.name}: LoRA-Init needs r={self.r} directions, got {directions.indices.numel()}")
         A, B = self.init_factors(directions)
-        w = self.base_layer.weight if weight is None else weight
-        w.copy_((w.float() - (B @ A) * self.scaling).to(w.dtype))
+        subtract_update_(self.base_layer.weight if weight is None else weight, B, A, self.scaling)
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
         self.init_A0.copy_(A)
         self.init_B0.copy_(B)
         self.init_indices.copy_(directions.indices)
         self.init_step.fill_(step)
+
+
+@torch.no_grad()
+def subtract_update_(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scaling: float) -> None:
+    """weight <- weight - scaling * B A, computed in float64 and rounded ONCE to the weight's dtype.
+
+    LoRA-Init's residual base must be the exact W - scaling B0 A0 correctly rounded: the export
+    writes the update against the original W ([B | -B0] [A ; A0], export.py), so a loaded adapter
+    differs from the trained model by the residual's rounding alone, at most half an ulp of W_res
+    per entry. With float32 intermediates, scaling B0 A0 cancels most of W in some entries and its
+    float32 error showed through (0.56 bf16 ulp measured). Row blocks keep the float64 copy small.
+    """
+    rows = max(1, (1 << 20) // max(weight.shape[1], 1))
+    A64 = A.double()
+    for i in range(0, weight.shape[0], rows):
+        block = weight[i : i + rows]
+        block.copy_((block.double() - (B[i : i + rows].double() @ A64) * scaling).to(weight.dtype))
