@@ -191,6 +191,20 @@ def test_merge_equals_unmerged_and_unmerge_restores(dtype, dash_scaled):
     torch.testing.assert_close(layer.base_layer.weight.double(), W0.double(), rtol=0, atol=w_tol)
 
 
+def test_merge_of_a_float64_base_keeps_float64_precision():
+    """A float64 base is merged in float64 (a float32 merge would round W + dW to ~1e-7)."""
+    layer = make_layer(torch.float64)
+    switch_and_set_scalars(layer)
+    W0 = layer.base_layer.weight.detach().clone()
+    dW = layer.scaling * layer.lora_B.double() @ layer.lora_A.double() + (
+        layer.dash_U.double() @ torch.diag(layer.dash_scalars.double()) @ layer.dash_V.double().T
+    )
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer.weight, W0 + dW, rtol=0, atol=1e-13)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, W0, rtol=0, atol=1e-13)
+
+
 def test_merge_before_dash_switch_ignores_scalars():
     layer = make_layer()
     with torch.no_grad():

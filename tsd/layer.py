@@ -135,28 +135,32 @@ class TSDLinear(nn.Module):
         return result + update.to(result.dtype)
 
     # ----------------------------------------------------------------------------- merge
-    def delta_weight(self) -> torch.Tensor:
-        """The layer's update to W in float32: scaling * B A + U_s diag(d) V_s^T."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The layer's update to W in `dtype`: scaling * B A + U_s diag(d) V_s^T."""
+        delta = (self.lora_B.to(dtype) @ self.lora_A.to(dtype)) * self.scaling
         if self.dash_size and self._dash_on:
-            dash = (self.dash_U.float() * self.dash_scalars.float()) @ self.dash_V.float().t()
+            dash = (self.dash_U.to(dtype) * self.dash_scalars.to(dtype)) @ self.dash_V.to(dtype).t()
             delta = delta + (dash * self.scaling if self.dash_scaled else dash)
         return delta
+
+    def _merge_dtype(self) -> torch.dtype:
+        # float32 for 16-bit bases (one rounding at the end); a float64 base keeps its precision
+        return torch.promote_types(self.base_layer.weight.dtype, torch.float32)
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
-        w = self.base_layer.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        w, acc = self.base_layer.weight, self._merge_dtype()
+        w.copy_((w.to(acc) + self.delta_weight(acc)).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             return
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        w, acc = self.base_layer.weight, self._merge_dtype()
+        w.copy_((w.to(acc) - self.delta_weight(acc)).to(w.dtype))
         self.merged = False
 
     # ----------------------------------------------------------------------------- switches
