@@ -41,4 +41,27 @@ for seed in $SEEDS; do
     done
   done
 done
-"$TSD" compare "${EXPERIMENT}" --loss-window 10 --out "${OUTPUT_DIR:-runs}/compare-${EXPERIMENT}"
+out="${OUTPUT_DIR:-runs}/compare-${EXPERIMENT}"
+"$TSD" compare "${EXPERIMENT}" --loss-window 10 --out "$out"
+# What the table came from, to commit beside it: the code (commit, uncommitted changes), when
+# and where, the settings, and every run's own result.json.
+export METHODS RANKS SEEDS STEPS SWITCH EVAL_LIMIT BEAMS MAX_NEW_TOKENS CONFIG EXPERIMENT EXTRA
+"$(dirname "$TSD")/python" - "$out" <<'PYEOF'
+import datetime, glob, json, os, platform, subprocess, sys
+
+out = sys.argv[1]
+git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.rstrip("\n")
+keys = "METHODS RANKS SEEDS STEPS SWITCH EVAL_LIMIT BEAMS MAX_NEW_TOKENS CONFIG EXPERIMENT EXTRA".split()
+prov = {"commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": git("status", "--porcelain", "--untracked-files=no").splitlines(),
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "settings": {k: os.environ.get(k, "") for k in keys}}
+with open(os.path.join(out, "provenance.json"), "w") as f:
+    json.dump(prov, f, indent=2)
+with open(os.path.join(out, "runs.jsonl"), "w") as f:
+    for path in sorted(glob.glob("runs/repro-*/result.json")):
+        with open(path) as r:
+            f.write(json.dumps({"run": path.split("/")[1], **json.load(r)}) + "\n")
+print(f"provenance.json and runs.jsonl written to {out}")
+PYEOF
