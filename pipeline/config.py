@@ -110,6 +110,7 @@ class WorkersConfig:
     threads_per_worker: int | None = None  # torch threads per worker; default cpus_per_worker
     address: str | None = None  # Ray cluster address; None: join the job's cluster or start a local one
     max_failures: int = 0  # Ray Train restarts of the worker group after a worker dies (-1: no limit); each resumes from the last checkpoint
+    collective_timeout_s: int = 1800  # a collective waiting this long for a vanished rank fails (a rank that raises ends the job at once)
 
 
 @dataclass
@@ -228,6 +229,7 @@ def _check(cfg: RunConfig) -> None:
         "train.grad_accum": t.grad_accum,
         "workers.num_workers": cfg.workers.num_workers,
         "workers.cpus_per_worker": cfg.workers.cpus_per_worker,
+        "workers.collective_timeout_s": cfg.workers.collective_timeout_s,
         "data.cutoff_len": cfg.data.cutoff_len,
         "train.eval_batch_size": t.eval_batch_size,
     }

@@ -232,7 +232,8 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
             scaling_config=ScalingConfig(
                 num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker={"CPU": w.cpus_per_worker}
             ),
-            torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo"),
+            # timeout_s: how long a collective waits for a vanished worker (workers.collective_timeout_s).
+            torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo", timeout_s=w.collective_timeout_s),
             run_config=RayRunConfig(
                 name=cfg.name,
                 storage_path=str(Path(cfg.output_dir).resolve() / "ray"),

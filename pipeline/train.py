@@ -227,7 +227,12 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
 
     ctx = ctx or WorkerContext()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        from datetime import timedelta
+
+        # The backstop for a rank that vanishes without a word (a lost node): its peers' collectives
+        # fail after this long. A rank that raises ends the job at once (pipeline.rank_failure).
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   timeout=timedelta(seconds=cfg.workers.collective_timeout_s))
     rank, world = rank_and_world()
     threads = cfg.workers.threads_per_worker or cfg.workers.cpus_per_worker
     torch.set_num_threads(max(1, threads))
@@ -244,6 +249,10 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
             tags={"method": cfg.method.method, "world_size": str(world), "launcher": ctx.launcher},
             params=cfg.to_dict(),
         )
+        from pipeline.rank_failure import on_peer_failure
+
+        # Another rank's failure ends this one from a watcher thread (main_entry): close the run first.
+        on_peer_failure(lambda line: end_run(ctx.tracking_uri, run_id, "FAILED"))
     stage = cfg.run_dir.resolve() / "mlflow-stage"  # where logs wait if the tracking server is away
     tracker = RunLogger(ctx.tracking_uri, run_id, enabled=(rank == 0 and run_id is not None), staging_dir=stage)
     tracker.verify()
@@ -687,15 +696,24 @@ def evaluate_after_training(adapter_state: dict, tokenizer, cfg: RunConfig, run_
 
 
 def main_entry(cfg: RunConfig, ctx: WorkerContext) -> TrainResult:
-    """Run `train`, turning a user error into a message and a non-zero exit, not a traceback."""
+    """Run `train`, turning a user error into a message and a non-zero exit, not a traceback.
+    A failure on one rank ends every rank at once (pipeline.rank_failure), not at a timeout."""
+    from pipeline import rank_failure
+
+    rank_failure.watch()
     try:
         return train(cfg, ctx)
     except (FileNotFoundError, ValueError) as e:
         log(f"error: {e}", all_ranks=True)
+        rank_failure.end_job(e, code=2, logged=True)  # returns only in a single-process run
         sys.exit(2)
     except NonFiniteLossError as e:
         log(f"error: {e}")
-        sys.exit(3)
+        sys.exit(3)  # every rank raises it at the same step (the verdict is all-reduced)
+    except Exception as e:
+        rank_failure.end_job(e)  # returns only in a single-process run
+        raise
     finally:
+        rank_failure.stop()
         if os.environ.get("TSD_DESTROY_PG", "1") == "1" and dist.is_initialized() and ctx.launcher != "ray":
             dist.destroy_process_group()
