@@ -25,6 +25,24 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _count(low: int):
+    """An argparse type: an integer >= low (argparse names the flag and exits 2 on failure)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer {'> 0' if low == 1 else f'>= {low}'}, got {text!r}")
+        return value
+
+    return parse
+
+
+_POSITIVE, _NON_NEGATIVE = _count(1), _count(0)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.driver import preflight, run
@@ -73,8 +91,11 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.config import check_folder_can_be_made
     from pipeline.evaluate import result_lines, run_evaluation
 
+    if args.out:  # before the generation (minutes to hours), not when writing its results
+        check_folder_can_be_made("--out", args.out)
     result = run_evaluation(
         args.model, args.adapter, args.data, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size, limit=args.limit, use_input=args.use_input, out=args.out, dtype=args.dtype,
@@ -137,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("task", nargs="+", help="one or more of the tasks prepare-data knows (e.g. social_i_qa quartz strategyqa)")
     d.add_argument("--cache", default=None)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--test-size", type=int, default=None)
-    d.add_argument("--limit", type=int, default=None)
+    d.add_argument("--test-size", type=_POSITIVE, default=None)
+    d.add_argument("--limit", type=_POSITIVE, default=None)
     d.set_defaults(func=cmd_prepare_data)
 
     e = sub.add_parser("evaluate", help="generation accuracy of a base model + adapter (LLM-Adapters protocol)")
@@ -146,10 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None, help="exported adapter folder (lora-tsd or stock PEFT); none: the base model")
     e.add_argument("--data", action="append", required=True, metavar="TASK=FILE",
                    help="a test file (LLM-Adapters JSON/JSONL) and its task name; repeat for several tasks")
-    e.add_argument("--num-beams", type=int, default=4)
-    e.add_argument("--max-new-tokens", type=int, default=32)
-    e.add_argument("--batch-size", type=int, default=1, help="prompts per generate call (the harness uses 1)")
-    e.add_argument("--limit", type=int, default=None, help="only the first N rows of each task")
+    e.add_argument("--num-beams", type=_POSITIVE, default=4)
+    e.add_argument("--max-new-tokens", type=_POSITIVE, default=32)
+    e.add_argument("--batch-size", type=_POSITIVE, default=1, help="prompts per generate call (the harness uses 1)")
+    e.add_argument("--limit", type=_POSITIVE, default=None, help="only the first N rows of each task")
     e.add_argument("--use-input", action="store_true", help="put the rows' `input` in the prompt (the harness never does)")
     e.add_argument("--out", default=None, help="folder for predictions/*.jsonl and metrics.json (default <adapter>/../eval)")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -163,10 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("experiment")
     c.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     c.add_argument("--out", default=None, help="write comparison.md/.csv/.png here")
-    c.add_argument("--digits", type=int, default=1, help="decimals of the printed accuracies")
+    c.add_argument("--digits", type=_NON_NEGATIVE, default=1, help="decimals of the printed accuracies")
     c.add_argument("--log-run", action="store_true", help="log the outputs to a new run named 'comparison'")
     c.add_argument("--log-to", default=None, metavar="RUN_ID", help="log the outputs to this existing run")
-    c.add_argument("--loss-window", type=int, default=0, metavar="N",
+    c.add_argument("--loss-window", type=_NON_NEGATIVE, default=0, metavar="N",
                    help="also pair the mean training loss of the last N logged steps with LoRA (same seed = same batches)")
     c.set_defaults(func=cmd_compare)
 

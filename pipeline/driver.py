@@ -121,9 +121,10 @@ def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None
     error is one line and exit 2 instead of a worker traceback minutes later: the model folder
     and its targets, the data files, the DeepSpeed config, that the switch fits in training,
     the workers against this machine (local Ray) and the tracking server."""
-    from pipeline.config import check_switch_fits
+    from pipeline.config import check_paths, check_switch_fits
     from pipeline.train import deepspeed_config, steps_per_epoch
 
+    check_paths(cfg)  # every input exists as a file/folder, every output folder can be made
     deepspeed_config(cfg)  # exists, is JSON, is ZeRO-3
     _check_model(cfg)
     n = _check_data(cfg)

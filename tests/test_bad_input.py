@@ -326,3 +326,247 @@ def test_shell_worker_entry_runs_the_same_preflight(tmp_path, base):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     _assert_clear_error(proc.returncode, proc.stderr, "method.targets ['nope']: no module")
     _assert_nothing_complete(tmp_path)
+
+
+# ----------------------------------------------------------------------------- numbers, duplicates, paths
+# Each case: the one error line names the key, exit 2, and the run left NOTHING behind: no run
+# folder, no MLflow store, no file anywhere under tmp_path that was not there before.
+def _files(root: Path) -> set[Path]:
+    return set(root.rglob("*"))
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """A bad input must be refused before Ray starts: reaching the driver's run() fails the test
+    at once (instead of training on a NaN learning rate for minutes)."""
+    import pipeline.driver
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the bad input passed the preflight and reached run()")
+
+    monkeypatch.setattr(pipeline.driver, "run", reached)
+
+
+def _train_nothing_written(tmp_path, cfg, capsys, *sets, text: str | None = None):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text if text is not None else yaml.safe_dump(cfg))
+    argv = ["train", str(path)]
+    for s in sets:
+        argv += ["--set", s]
+    before = _files(tmp_path)
+    rc, err = _cli(argv, capsys)
+    assert _files(tmp_path) == before, f"written: {sorted(map(str, _files(tmp_path) - before))}"
+    assert not (tmp_path / "runs").exists()
+    return rc, err
+
+
+NUMBER_CASES = [
+    # non-finite numbers: the optimizer (or a worker) used to fail with a traceback
+    (["train.lr=nan"], "train.lr: must be a finite number, got 'nan'"),
+    (["train.lr=.inf"], "train.lr: must be a finite number, got inf"),
+    (["train.lr=-inf"], "train.lr: must be a finite number, got '-inf'"),
+    (["train.lr=1e999"], "train.lr: must be a finite number"),
+    (["train.weight_decay=.nan"], "train.weight_decay: must be a finite number"),
+    (["train.grad_clip=inf"], "train.grad_clip: must be a finite number"),
+    (["train.epochs=.inf", "train.max_steps=null"], "train.epochs: must be a finite number"),
+    (["method.alpha=.nan"], "method.alpha: must be a finite number"),
+    (["method.dropout=.nan"], "method.dropout: must be a finite number"),
+    # negative / zero where the value must be positive
+    (["train.weight_decay=-0.1"], "train.weight_decay: must be >= 0, got -0.1"),
+    (["train.grad_clip=-1"], "train.grad_clip: must be >= 0 (0: no clipping), got -1.0"),
+    (["train.epochs=-1"], "train.epochs: must be > 0, got -1.0"),
+    (["train.log_every=0"], "train.log_every: must be > 0, got 0"),
+    (["train.checkpoint_every=0"], "train.checkpoint_every: must be > 0"),
+    (["train.checkpoint_every=-5"], "train.checkpoint_every: must be > 0"),
+    (["train.eval_max_new_tokens=0"], "train.eval_max_new_tokens: must be > 0"),
+    (["train.eval_num_beams=0"], "train.eval_num_beams: must be > 0"),
+    (["train.eval_limit=0"], "train.eval_limit: must be > 0"),
+    (["data.limit=0"], "data.limit: must be > 0"),
+    (["data.limit=-3"], "data.limit: must be > 0"),
+    (["workers.threads_per_worker=0"], "workers.threads_per_worker: must be > 0"),
+    (["train.seed=-1"], "train.seed: must be in [0, 4294967295], got -1"),
+    (["train.seed=4294967296"], "train.seed: must be in [0, 4294967295]"),
+    # out of range / wrong kind (these were already refused; kept as the class's contract)
+    (["method.dropout=1.0"], "method.dropout: must be in [0, 1)"),
+    (["method.dropout=-0.5"], "method.dropout: must be in [0, 1)"),
+    (["train.micro_batch_size=true"], "train.micro_batch_size: expected an integer, got True"),
+    (["method.r=2.5"], "method.r: expected an integer, got 2.5"),
+    (["train.lr=true"], "train.lr: expected a number, got True"),
+]
+
+
+@pytest.mark.parametrize("sets, message", NUMBER_CASES, ids=[" ".join(s) for s, _ in NUMBER_CASES])
+def test_bad_number_names_its_key_and_writes_nothing(tmp_path, base, capsys, no_training, sets, message):
+    _assert_clear_error(*_train_nothing_written(tmp_path, base, capsys, *sets), message, "cfg.yaml")
+
+
+def test_non_finite_number_in_the_yaml_file(tmp_path, base, capsys, no_training):
+    base["train"]["lr"] = float("nan")  # written as `lr: .nan`
+    rc, err = _train_nothing_written(tmp_path, base, capsys)
+    _assert_clear_error(rc, err, "cfg.yaml: train.lr: must be a finite number, got nan")
+
+
+def test_non_finite_number_from_the_shell(tmp_path, base):
+    path = _write(tmp_path, base)
+    proc = _shell(["train", path, "--set", "train.lr=nan"])
+    _assert_clear_error(proc.returncode, proc.stderr, "train.lr: must be a finite number")
+    assert not (tmp_path / "runs").exists()
+
+
+DUPLICATE_CASES = [
+    ("train:\n  lr: 0.1\n  warmup_steps: 1\n  lr: 0.2\n", "train.lr: given twice (lines 2 and 4); keep one"),
+    ("train:\n  lr: 0.1\ntrain:\n  lr: 0.2\n", "train: given twice (lines 1 and 3)"),
+    ("name: a\nname: b\n", "name: given twice (lines 1 and 2)"),
+    ("method:\n  targets: [q_proj]\n  r: 4\n  r: 8\n", "method.r: given twice (lines 3 and 4)"),
+]
+
+
+@pytest.mark.parametrize("text, message", DUPLICATE_CASES, ids=[m.split(":")[0] for _, m in DUPLICATE_CASES])
+def test_duplicated_yaml_key_names_it(tmp_path, base, capsys, no_training, text, message):
+    # the valid base config, then the duplicated section appended as text
+    # the duplicated section first (so the line numbers are the case's own), then the rest
+    # of the valid base config
+    body = yaml.safe_dump({k: v for k, v in base.items() if k != text.split(":")[0]})
+    rc, err = _train_nothing_written(tmp_path, base, capsys, text=text + body)
+    _assert_clear_error(rc, err, "cfg.yaml", message)
+
+
+def _path_case(tmp_path: Path, base: dict, case: str) -> str:
+    """Sets up one bad path in `base` (creating only the files the case needs); returns the message."""
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    d = tmp_path / "a-folder"
+    d.mkdir()
+    if case == "output_dir is a file":
+        base["output_dir"] = str(f)
+        base["tracking"]["uri"] = None
+        return f"output_dir: {f} is a file, not a folder"
+    if case == "output_dir under a file":
+        base["output_dir"] = str(f / "runs")
+        base["tracking"]["uri"] = None
+        return f"output_dir: {f} is a file, not a folder"
+    if case == "output_dir not writable":
+        base["output_dir"] = "/proc/1/tsd-runs"
+        return "output_dir: /proc/1/tsd-runs cannot be created: /proc/1 is not writable"
+    if case == "run folder is a file":
+        base["output_dir"] = str(d)
+        (d / "bad").write_text("x")
+        return f"name: the run folder {d / 'bad'} is a file"
+    if case == "name with a slash":
+        base["name"] = "../escape"
+        return "name: '../escape' must be a plain folder name"
+    if case == "empty name":
+        base["name"] = ""
+        return "name: must not be empty"
+    if case == "model.path is a file":
+        base["model"]["path"] = str(f)
+        return f"model.path: {f} is a file, not a model folder"
+    if case == "data.train missing":
+        base["data"]["train"] = str(tmp_path / "nope.json")
+        return f"data.train: {tmp_path / 'nope.json'}: data file not found"
+    if case == "data.train is a folder":
+        base["data"]["train"] = str(d)
+        return f"data.train: {d} is a folder, not a data file"
+    if case == "second data.train missing":
+        base["data"]["train"] = [str(TRAIN), str(tmp_path / "nope.json")]
+        return "data.train[1]: "
+    if case == "data.test missing":
+        base["data"]["test"] = f"social_i_qa={tmp_path / 'nope.json'}"
+        return f"data.test: {tmp_path / 'nope.json'}: data file not found"
+    if case == "deepspeed.config is a folder":
+        base["deepspeed"]["config"] = str(d)
+        return f"deepspeed.config: {d} is a folder, not a JSON file"
+    if case == "svd_cache is a file":
+        base["method"]["svd_cache"] = str(f)
+        return f"method.svd_cache: {f} is a file, not a folder"
+    if case == "svd_cache under a file":
+        base["method"]["svd_cache"] = str(f / "svd")
+        return f"method.svd_cache: {f} is a file, not a folder"
+    if case == "sqlite store is a folder":
+        base["tracking"]["uri"] = f"sqlite:///{d}"
+        return f"tracking.uri: {d} is a folder, not a sqlite database file"
+    if case == "sqlite store under a file":
+        base["tracking"]["uri"] = f"sqlite:///{f}/mlflow.db"
+        return f"tracking.uri: {f} is a file, not a folder"
+    if case == "sqlite in memory":
+        base["tracking"]["uri"] = "sqlite:///:memory:"
+        return "tracking.uri: 'sqlite:///:memory:' names no database file"
+    if case == "file store is a file":
+        base["tracking"]["uri"] = f"file://{f}"
+        return f"tracking.uri: {f} is a file, not a folder"
+    if case == "http without host":
+        base["tracking"]["uri"] = "http://:5000"
+        return "tracking.uri: 'http://:5000' names no host"
+    if case == "http bad port":
+        base["tracking"]["uri"] = "http://127.0.0.1:99999"
+        return "tracking.uri: 'http://127.0.0.1:99999': port out of range"
+    if case == "unknown scheme":
+        base["tracking"]["uri"] = "htp://127.0.0.1:5000"
+        return "tracking.uri: unknown scheme 'htp'"
+    if case == "empty experiment":
+        base["tracking"]["experiment"] = ""
+        return "tracking.experiment: must not be empty"
+    raise AssertionError(case)
+
+
+PATH_CASES = [
+    "output_dir is a file", "output_dir under a file", "output_dir not writable", "run folder is a file",
+    "name with a slash", "empty name", "model.path is a file", "data.train missing", "data.train is a folder",
+    "second data.train missing", "data.test missing", "deepspeed.config is a folder", "svd_cache is a file",
+    "svd_cache under a file", "sqlite store is a folder", "sqlite store under a file", "sqlite in memory",
+    "file store is a file", "http without host", "http bad port", "unknown scheme", "empty experiment",
+]
+
+
+@pytest.mark.parametrize("case", PATH_CASES)
+def test_bad_path_names_its_key_and_writes_nothing(tmp_path, base, capsys, no_training, case):
+    message = _path_case(tmp_path, base, case)
+    rc, err = _train_nothing_written(tmp_path, base, capsys)
+    _assert_clear_error(rc, err, message)
+
+
+def test_worker_entry_refuses_an_output_dir_that_is_a_file(tmp_path, base):
+    """The torchrun / DeepSpeed launcher entry runs the same path checks."""
+    (tmp_path / "a-file").write_text("x")
+    base.update(output_dir=str(tmp_path / "a-file"))
+    base["tracking"]["uri"] = None
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.worker", _write(tmp_path, base)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    _assert_clear_error(proc.returncode, proc.stderr, f"output_dir: {tmp_path / 'a-file'} is a file, not a folder")
+
+
+EVAL_ARG_CASES = [
+    (["--num-beams", "0"], "argument --num-beams: must be an integer > 0, got '0'"),
+    (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be an integer > 0, got '-1'"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer > 0"),
+    (["--limit", "0"], "argument --limit: must be an integer > 0"),
+]
+
+
+@pytest.mark.parametrize("args, message", EVAL_ARG_CASES, ids=[a[0] for a, _ in EVAL_ARG_CASES])
+def test_evaluate_bad_numbers(tmp_path, model_dir, capsys, args, message):
+    rc, err = _cli(["evaluate", "--model", str(model_dir), "--data", f"social_i_qa={TRAIN}",
+                    "--out", str(tmp_path / "eval"), *args], capsys)
+    _assert_clear_error(rc, err, message)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_evaluate_out_is_a_file(tmp_path, model_dir, capsys):
+    (tmp_path / "eval").write_text("x")
+    rc, err = _cli(["evaluate", "--model", str(model_dir), "--data", f"social_i_qa={TRAIN}",
+                    "--out", str(tmp_path / "eval")], capsys)
+    _assert_clear_error(rc, err, f"--out: {tmp_path / 'eval'} is a file, not a folder")
+    assert (tmp_path / "eval").read_text() == "x"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compare", "x", "--digits", "-1"], "argument --digits: must be an integer >= 0"),
+    (["compare", "x", "--loss-window", "-2"], "argument --loss-window: must be an integer >= 0"),
+    (["prepare-data", "social_i_qa", "--test-size", "0"], "argument --test-size: must be an integer > 0"),
+    (["prepare-data", "social_i_qa", "--limit", "-1"], "argument --limit: must be an integer > 0"),
+])
+def test_other_commands_bad_numbers(tmp_path, capsys, args, message):
+    rc, err = _cli([*args, "--out" if args[0] == "compare" else "--cache", str(tmp_path / "out")], capsys)
+    _assert_clear_error(rc, err, message)
+    assert not (tmp_path / "out").exists()

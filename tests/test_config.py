@@ -46,6 +46,31 @@ def test_values_and_defaults():
         (_with(method={"switch_step": 0}), "method.switch_step: must be >= 1"),
         ({"data": {"train": "d"}}, "model.path: required"),
         (_with(model="x"), "model: expected a mapping"),
+        # non-finite numbers, whatever their spelling
+        (_with(train={"lr": float("nan")}), "train.lr: must be a finite number, got nan"),
+        (_with(train={"lr": "inf"}), "train.lr: must be a finite number, got 'inf'"),
+        (_with(train={"grad_clip": "1e999"}), "train.grad_clip: must be a finite number, got '1e999'"),
+        (_with(method={"alpha": float("-inf")}), "method.alpha: must be a finite number"),
+        # ranges
+        (_with(train={"weight_decay": -1}), "train.weight_decay: must be >= 0, got -1.0"),
+        (_with(train={"grad_clip": -0.5}), "train.grad_clip: must be >= 0 (0: no clipping), got -0.5"),
+        (_with(train={"seed": -1}), "train.seed: must be in [0, 4294967295], got -1"),
+        (_with(train={"log_every": 0}), "train.log_every: must be > 0, got 0"),
+        (_with(train={"epochs": 0, "max_steps": 10}), "train.epochs: must be > 0, got 0.0"),
+        (_with(train={"checkpoint_every": 0}), "train.checkpoint_every: must be > 0 or left out, got 0"),
+        (_with(train={"eval_limit": -1}), "train.eval_limit: must be > 0 or left out, got -1"),
+        (_with(train={"eval_num_beams": 0}), "train.eval_num_beams: must be > 0, got 0"),
+        (_with(data={"limit": 0}), "data.limit: must be > 0 or left out, got 0"),
+        (_with(workers={"threads_per_worker": -2}), "workers.threads_per_worker: must be > 0 or left out"),
+        # names and tracking URIs (no file system or network needed); passwords never echoed
+        (_with(name=""), "name: must not be empty"),
+        (_with(name="a/b"), "name: 'a/b' must be a plain folder name"),
+        (_with(name=".."), "name: '..' must be a plain folder name"),
+        (_with(tracking={"experiment": " "}), "tracking.experiment: must not be empty"),
+        (_with(tracking={"uri": "htp://u:pw@h:5000"}), "tracking.uri: unknown scheme 'htp' in 'htp://u:***@h:5000'"),
+        (_with(tracking={"uri": "sqlite://"}), "tracking.uri: 'sqlite://' names no database file"),
+        (_with(tracking={"uri": "https://u:pw@:443"}), "tracking.uri: 'https://u:***@:443' names no host"),
+        (_with(tracking={"uri": "http://h:70000"}), "tracking.uri: 'http://h:70000': port out of range"),
     ],
 )
 def test_bad_values_name_their_key(data, message):
@@ -53,6 +78,45 @@ def test_bad_values_name_their_key(data, message):
         from_dict(data, "x.yaml")
     assert str(e.value).startswith("x.yaml: ")
     assert message in str(e.value)
+    assert "pw@" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["sqlite:///runs/mlflow.db", "sqlite:////abs/mlflow.db", "sqlite+pysqlite:///m.db", "http://u:pw@127.0.0.1:5000",
+     "https://mlflow.example.org", "file:///tmp/mlruns", "mlruns", "postgresql://u:pw@db/mlflow", "databricks"],
+)
+def test_valid_tracking_uris_pass(uri):
+    assert from_dict(_with(tracking={"uri": uri})).tracking.uri == uri
+
+
+def test_an_offline_run_ignores_its_tracking_uri():
+    assert from_dict(_with(tracking={"uri": "htp://x", "offline": True})).tracking.offline
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train:\n  lr: 0.1\n  lr: 0.2\n", "x.yaml: train.lr: given twice (lines 2 and 3); keep one"),
+        ("model: {path: m, path: n}\n", "x.yaml: model.path: given twice (lines 1 and 1)"),
+        ("data:\n  train: [d.json]\ndata:\n  task: boolq\n", "x.yaml: data: given twice (lines 1 and 3)"),
+        ("method:\n  targets:\n    - {a: 1, a: 2}\n", "x.yaml: method.targets[0].a: given twice"),
+    ],
+)
+def test_duplicated_keys_are_refused(tmp_path, text, message):
+    (tmp_path / "x.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "x.yaml")
+    assert str(e.value).startswith(str(tmp_path / "x.yaml"))
+    assert message in str(e.value)
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path):
+    """`<<: *anchor` then an override is YAML's own way to repeat a key on purpose."""
+    text = "model: {path: m}\ndata: {train: d.json}\ntrain:\n  <<: {lr: 0.1, warmup_steps: 1}\n  lr: 0.2\n"
+    (tmp_path / "x.yaml").write_text(text)
+    cfg = load_config(tmp_path / "x.yaml")
+    assert cfg.train.lr == 0.2 and cfg.train.warmup_steps == 1
 
 
 def test_switch_must_fit_in_training():
