@@ -107,6 +107,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"predictions and metrics: {result['out_dir']}")
         if "logged_to" in result:
             print(f"logged to MLflow run {args.run_id}")
+    if result["settings"]["world_size"] > 1:
+        # One rank of a torchrun launch: gloo's threads can outlive the destroyed group and
+        # abort the interpreter's teardown (pipeline.distributed), so end the way that cannot.
+        from pipeline.distributed import end_process
+
+        end_process(0)
     return 0
 
 

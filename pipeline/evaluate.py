@@ -455,9 +455,10 @@ def run_evaluation(
 ) -> dict:
     """`tsd evaluate`: load, evaluate (sharded over ranks when launched by torchrun), write the
     predictions and metrics to `out` and, with `run_id`, log them to that MLflow run (rank 0)."""
-    import torch.distributed as dist
+    from pipeline.distributed import leave_process_group
 
     started = _init_distributed_from_env()
+    finished = False
     try:
         rank, _ = _dist_info()
         if device is None and torch.cuda.is_available():
@@ -481,11 +482,8 @@ def run_evaluation(
                 if not log_results(result, uri, run_id, out_dir, step=step):
                     print(f"[tsd eval] warning: not everything reached MLflow run {run_id}", file=sys.stderr)
                 result["logged_to"] = {"tracking_uri": uri, "run_id": run_id}
-        if started:
-            # Leave together: a rank tearing gloo down while its peer still writes has aborted
-            # the peer at exit ("terminate called without an active exception").
-            dist.barrier()
+        finished = True
         return result
     finally:
-        if started:
-            dist.destroy_process_group()
+        if started:  # before the interpreter's teardown, which can abort a rank (pipeline.distributed)
+            leave_process_group(together=finished)

@@ -716,4 +716,8 @@ def main_entry(cfg: RunConfig, ctx: WorkerContext) -> TrainResult:
     finally:
         rank_failure.stop()
         if os.environ.get("TSD_DESTROY_PG", "1") == "1" and dist.is_initialized() and ctx.launcher != "ray":
-            dist.destroy_process_group()
+            from pipeline.distributed import leave_process_group
+
+            # A barrier first only on a normal end (no exception on its way out): a failed peer
+            # would never arrive. The process then ends with pipeline.distributed.end_process.
+            leave_process_group(together=sys.exc_info()[1] is None)

@@ -53,4 +53,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pipeline.distributed import end_process
+
+    # Not sys.exit: DeepSpeed keeps gloo's threads alive into the interpreter's teardown, which
+    # can then abort a rank (pipeline.distributed); main_entry's own exits end the same way.
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    end_process(code)

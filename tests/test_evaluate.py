@@ -246,7 +246,13 @@ assert all(hasattr(p, "ds_id") for p in engine.module.parameters())
 tok = AutoTokenizer.from_pretrained(model_dir)
 res = evaluate_tasks(engine.module, tok, load_tasks(data), num_beams=2, max_new_tokens=4, progress=False)
 if dist.get_rank() == 0:
-    open(out, "w").write(json.dumps(res["predictions"]))
+    with open(out, "w") as f:
+        f.write(json.dumps(res["predictions"]))
+# The training entry's way out (main_entry + pipeline.worker): a plain exit here aborted a rank
+# now and then ("terminate called without an active exception", see pipeline.distributed).
+from pipeline.distributed import end_process, leave_process_group
+leave_process_group()
+end_process(0)
 '''
 
 

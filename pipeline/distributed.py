@@ -1,0 +1,103 @@
+"""How a rank leaves torch.distributed and ends its process without aborting at exit.
+
+Why this is needed (gloo, CPU): a gloo process group runs each collective on a worker thread
+("pt_gloo_runloop"). The thread marks the collective done, which wakes the caller, and only THEN
+drops its own reference to the work. When that last reference holds a tensor whose Python object
+Python has already let go of, dropping it takes the GIL. If the interpreter has meanwhile begun
+its teardown, taking the GIL ends the thread inside a C++ destructor, and the process dies with
+"terminate called without an active exception" (SIGABRT); torchrun then SIGTERMs the other rank.
+The window is small (a worker thread descheduled right after a collective, which a loaded machine
+makes likely) but real: a rank that ends right after its last collective loses the race now and
+then. A backtrace of it: pt_gloo_runloop -> ~AsyncAllgatherWork -> TensorImpl::decref_pyobject
+-> take_gil -> PyThread_exit_thread -> std::terminate, with the main thread in Py_FinalizeEx.
+
+`destroy_process_group` closes the window only when the group object really goes away: its
+destructor joins the worker threads. Others keep handles on the groups: DeepSpeed (the engine,
+its optimizer, every ZeRO-3 parameter's `ds_process_group`, some reachable from autograd hooks
+that outlive the engine), and even a plain `tsd evaluate` under torchrun ends with the world
+group's threads alive after the destroy (measured: 4 threads per rank after a ZeRO-3 run, 2 after
+`tsd evaluate`). Hence two steps, used by the training entry (`pipeline.train.main_entry`, then
+`pipeline.worker`) and by the evaluation entry (`run_evaluation`, then `cli.cmd_evaluate`):
+
+- `leave_process_group`: the ranks meet at a barrier (so none tears its connections down while a
+  peer still sends), then the groups are destroyed, DeepSpeed's handles included.
+- `end_process`: exit as usual when no gloo worker thread is left; otherwise do the interpreter's
+  own exit work (wait for non-daemon threads, run atexit handlers, flush) and os._exit, so the
+  teardown that would race with those threads never starts.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import sys
+import threading
+from typing import NoReturn
+
+import torch.distributed as dist
+
+GLOO_WORKER_THREAD = "pt_gloo_runloop"  # the name torch gives ProcessGroupGloo's worker threads
+
+
+def gloo_worker_threads() -> int | None:
+    """How many gloo worker threads this process has (None where /proc cannot tell)."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    n = 0
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read().strip() == GLOO_WORKER_THREAD
+        except OSError:
+            pass  # the thread ended while we looked
+    return n
+
+
+def leave_process_group(together: bool = True) -> None:
+    """Destroy every process group of this rank (a no-op if none is initialized).
+
+    together: meet the other ranks at a barrier first. Pass False when leaving because of an
+    error: a peer that failed would never arrive, and this rank would wait out the timeout.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if together:
+        dist.barrier()
+    ds_comm = sys.modules.get("deepspeed.comm")
+    if ds_comm is not None and ds_comm.is_initialized():
+        # Also drops DeepSpeed's module-level handles on the groups (its world group clone etc.)
+        ds_comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
+    gc.collect()  # a group kept only by a reference cycle goes now, joining its threads
+
+
+def end_process(code: int | str | None = 0) -> NoReturn:
+    """End this rank's process with `code` (as sys.exit takes it), after `leave_process_group`.
+
+    With no gloo worker thread left this is sys.exit. Otherwise (something still holds a group,
+    see the module's doc) it does what the interpreter does before its teardown and leaves
+    with os._exit: unlike sys.exit, nothing can then abort after the work is done and reported.
+    Objects still alive are not finalized; everything this project writes is closed by then.
+    """
+    if gloo_worker_threads() == 0:
+        sys.exit(code)
+    main = threading.main_thread()
+    for t in threading.enumerate():  # as the interpreter's exit waits for non-daemon threads
+        if t is not main and not t.daemon and t is not threading.current_thread():
+            t.join()
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): printed, status 1
+        print(code, file=sys.stderr)
+        code = 1
+    atexit._run_exitfuncs()  # MLflow's, logging's, tqdm's ... handlers (it reports their errors itself)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(code)
