@@ -62,9 +62,27 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"[tsd] {k.replace('_', ' ')}: {m[k]:.2f}s")
     print(f"[tsd] adapter: {cfg.run_dir / 'adapter'}")
     if out["run_id"]:
-        print(f"[tsd] MLflow run {out['run_id']} in experiment '{cfg.tracking.experiment}' at {uri}")
-        print(f"[tsd] open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        for line in run_lines(out["run_id"], cfg.tracking.experiment, uri):
+            print(line)
     return 0
+
+
+def run_lines(run_id: str, experiment: str, uri: str) -> list[str]:
+    """Where the run is and how to look at it, for humans: any password in `uri` masked (the
+    connection itself used the full URI)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from pipeline.tracking import mask_secrets
+
+    shown = mask_secrets(uri)
+    lines = [f"[tsd] MLflow run {run_id} in experiment '{experiment}' at {shown}"]
+    if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
+        parts = urlsplit(uri)  # the link without user:password@ (the browser asks for them)
+        link = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", ""))
+        lines.append(f"[tsd] open the UI:  {link}/#/experiments (the run is under '{experiment}')")
+    else:
+        lines.append(f"[tsd] open the UI:  .venv/bin/mlflow ui --backend-store-uri {shown} --host 127.0.0.1 --port 5000")
+    return lines
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:

@@ -151,6 +151,11 @@ def _train_fn(loop_config: dict) -> None:
 
     _os.chdir(loop_config["cwd"])
     cfg = from_dict(loop_config["config"], "driver")
+    tracking_uri = loop_config["tracking_uri"]
+    if tracking_uri is not None and not isinstance(tracking_uri, str):  # an object ref: see run()
+        import ray
+
+        tracking_uri = ray.get(tracking_uri)
 
     def report(metrics: dict) -> None:
         import ray.train
@@ -158,9 +163,19 @@ def _train_fn(loop_config: dict) -> None:
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     ctx = WorkerContext(
-        run_id=loop_config["run_id"], tracking_uri=loop_config["tracking_uri"], report=report, launcher="ray"
+        run_id=loop_config["run_id"], tracking_uri=tracking_uri, report=report, launcher="ray"
     )
     train(cfg, ctx)
+
+
+def _masked_config(cfg: RunConfig) -> dict:
+    """The config as a dict with tracking.uri's password masked (workers connect with ctx's URI)."""
+    from pipeline.tracking import mask_secrets
+
+    data = cfg.to_dict()
+    if data["tracking"]["uri"]:
+        data["tracking"]["uri"] = mask_secrets(data["tracking"]["uri"])
+    return data
 
 
 def _connect(cfg: RunConfig) -> bool:
@@ -190,7 +205,7 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipeline.tracking import end_run, start_run
+    from pipeline.tracking import end_run, mask_secrets, start_run
 
     w = cfg.workers
     run_id = None
@@ -207,7 +222,8 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
             },
             params=cfg.to_dict(),
         )
-        print(f"[tsd driver] MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {tracking_uri}", flush=True)
+        print(f"[tsd driver] MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {mask_secrets(tracking_uri)}",
+              flush=True)
     if w.max_failures and not cfg.train.checkpoint_every:
         print("[tsd driver] warning: workers.max_failures is set but train.checkpoint_every is not: a restarted "
               "worker group starts again from step 0", flush=True)
@@ -224,10 +240,12 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
             )
         trainer = TorchTrainer(
             _train_fn,
+            # Ray Train shows train_loop_config in its dashboard and state API (and exports it):
+            # the workers get the password-bearing URI as an object ref, their config the masked one.
             train_loop_config={
-                "config": cfg.to_dict(),
+                "config": _masked_config(cfg),
                 "run_id": run_id,
-                "tracking_uri": tracking_uri,
+                "tracking_uri": ray.put(tracking_uri) if mask_secrets(tracking_uri) != tracking_uri else tracking_uri,
                 "cwd": os.getcwd(),
             },
             scaling_config=ScalingConfig(

@@ -73,7 +73,9 @@ _SECRET_KEY_RE = re.compile(
     r"(^|_)(password|passwd|pwd|passphrase|token|secret|api_?key|access_?key|private_?key|"
     r"credentials?|authorization|auth_token|session_key|signature)(_|$)"
 )
-_URI_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@\s/]+)@")
+# The password runs to the LAST "@" of the authority (it ends at the first / ? #), as urlsplit
+# reads it: `http://u:p@ss@host` connects with password "p@ss", so all of it is masked.
+_URI_USERINFO_RE = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^/?#\s]*)@")
 _SECRET_QUERY_RE = re.compile(
     r"(?P<key>[?&;][^=&#\s]*(?:password|passwd|token|secret|key|signature|sig|credential)[^=&#\s]*=)[^&#\s]*",
     re.IGNORECASE,
@@ -318,7 +320,27 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     status = status.upper()
     if status not in RUN_STATUSES:
         raise ValueError(f"end_run: status must be one of {RUN_STATUSES}, got {status!r}")
-    _client(tracking_uri).set_terminated(run_id, status)
+    client = _client(tracking_uri)
+    if mask_secrets(tracking_uri) == tracking_uri:
+        client.set_terminated(run_id, status)
+        return
+    # For an http(s) store MLflow prints "View run ... at: <tracking URI>/#/..." to stdout,
+    # password included; the driver and the CLI print the run (masked) themselves.
+    with _env("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"):
+        client.set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def list_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:

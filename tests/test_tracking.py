@@ -11,6 +11,8 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +130,47 @@ def test_secrets_are_masked_and_params_flattened():
         "a": {"secret": "***", "u": "http://a:***@c"},
         "l": [{"token": "***"}],
     }
+
+
+def test_a_password_with_an_at_sign_is_masked_whole():
+    """urlsplit (and so MLflow's requests) reads the password up to the LAST @ of the authority."""
+    from urllib.parse import urlsplit
+
+    uri = "http://alice:p@ss@word@mlflow:5000/x@y"
+    assert urlsplit(uri).password == "p@ss@word"
+    assert mask_secrets(uri) == "http://alice:***@mlflow:5000/x@y"
+    assert mask_secrets("see http://a:b@h1 and http://c:d@e@h2/p") == "see http://a:***@h1 and http://c:***@h2/p"
+
+
+SECRET = "pw-Zq81-s3cret"
+
+
+def test_train_success_lines_mask_the_password(tmp_path, monkeypatch, capsys):
+    """`tsd train`'s closing lines (run, UI hint) on the success path: the run itself is faked
+    here (the slow test below runs a real one); what is printed is the CLI's own code."""
+    import yaml
+
+    import pipeline.driver
+    from pipeline.cli import main
+
+    uri = f"http://alice:{SECRET}@127.0.0.1:5000"
+    seen = {}
+
+    def fake_run(cfg, tracking_uri):
+        seen["uri"] = tracking_uri  # the connection gets the full URI
+        return {"run_id": "r" * 32, "metrics": {"wall_seconds": 1.0, "final_loss": 0.5}}
+
+    monkeypatch.setattr(pipeline.driver, "preflight", lambda cfg: None)
+    monkeypatch.setattr(pipeline.driver, "run", fake_run)
+    cfg = {"name": "x", "output_dir": str(tmp_path / "runs"), "model": {"path": "m"}, "data": {"train": "d.json"},
+           "tracking": {"uri": uri}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "cfg.yaml")]) == 0
+    out = capsys.readouterr()
+    assert seen["uri"] == uri
+    assert SECRET not in out.out + out.err
+    assert f"MLflow run {'r' * 32} in experiment 'lora-tsd' at http://alice:***@127.0.0.1:5000" in out.out
+    assert "open the UI:  http://127.0.0.1:5000/#/experiments" in out.out
 
 
 def test_default_uri_is_absolute_sqlite(tmp_path):
@@ -346,3 +389,97 @@ def test_server_script_serves_runs_over_http(tmp_path):
             pid = int(pid_file.read_text())
         if pid is not None and _group_alive(pid):  # the script failed to stop it: do it here
             os.killpg(pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- a password in the URI
+
+
+@pytest.fixture(scope="module")
+def server_with_password(tmp_path_factory):
+    """A real `mlflow server` (launch/mlflow_server.sh) reached through a URI with user:password.
+    The plain server accepts any credentials; the client still sends them (requests' basic
+    auth from the URL), so this is the success path a password-protected server takes."""
+    srv = tmp_path_factory.mktemp("srv")
+    env = {**os.environ, "MLFLOW_DIR": str(srv), "PORT": str(free_port()), "PYTHON": sys.executable}
+    script = str(REPO / "launch" / "mlflow_server.sh")
+    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=180)
+    pid_file = srv / "mlflow_server.pid"
+    try:
+        assert started.returncode == 0, started.stderr
+        plain = started.stdout.strip().splitlines()[-1]
+        yield {"uri": plain.replace("http://", f"http://alice:{SECRET}@"), "dir": srv}
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=60)
+        if pid_file.exists() and _group_alive(int(pid_file.read_text())):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def _files_containing(root: Path, secret: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+@pytest.mark.slow
+def test_tracking_api_never_shows_the_password(server_with_password, tmp_path, capfd):
+    """start_run / RunLogger / end_run against the server: nothing printed, logged or stored has
+    the password (MLflow itself prints "View run ... at: <URI>" when a run ends)."""
+    uri = server_with_password["uri"]
+    run_id = start_run(uri, "masked", "r", tags={"method": "dash"}, params={"tracking": {"uri": uri}})
+    with RunLogger(uri, run_id, staging_dir=tmp_path / "stage") as logger:
+        logger.log_metrics({"loss": 0.5}, step=1)
+        logger.log_dict({"tracking": {"uri": uri}}, "config/run_config.json")
+    end_run(uri, run_id)
+    out = capfd.readouterr()
+    assert SECRET not in out.out + out.err
+    s = summarize_run(uri, run_id)
+    assert s["status"] == "FINISHED" and s["params"]["tracking.uri"] == uri.replace(SECRET, "***")
+    assert SECRET not in json.dumps(s)
+    assert _files_containing(server_with_password["dir"], SECRET) == []
+
+
+@pytest.mark.slow
+def test_a_ray_run_never_shows_the_password(server_with_password, tmp_path_factory):
+    """`tsd train` (Ray, 2 workers) logging to a URI with a password: stdout/stderr (driver,
+    Ray's worker logs), the run folder, the MLflow store (params, tags, artifacts such as
+    config/run_config.json) and Ray's own session files never contain it. Ray Train's state
+    tracking (its dashboard's Train page; off by default) is switched on and exported to files,
+    so the scan covers what Ray shows of train_loop_config."""
+    import tempfile
+
+    import yaml
+    from proc_group import child_env, make_tiny_model, run_group
+
+    wd = tmp_path_factory.mktemp("masked-run")
+    make_tiny_model(wd / "model")
+    cfg = yaml.safe_load((REPO / "configs/tiny_cpu.yaml").read_text())
+    cfg.update(name="masked", output_dir=str(wd / "runs"))
+    cfg["model"]["path"] = str(wd / "model")
+    cfg["data"]["train"] = str(REPO / "tests/data/tiny_train.json")
+    cfg["deepspeed"]["config"] = str(REPO / "configs/deepspeed/zero3.json")
+    cfg["tracking"].update(uri=server_with_password["uri"], experiment="masked-ray")
+    (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="tsdray", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    try:
+        proc = run_group([str(Path(sys.executable).parent / "tsd"), "train", str(wd / "cfg.yaml")], cwd=REPO,
+                         env=child_env(RAY_TMPDIR=str(ray_tmp), RAY_TRAIN_ENABLE_STATE_TRACKING="1",
+                                       RAY_enable_export_api_write="1"), timeout=600)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        shown = server_with_password["uri"].replace(SECRET, "***")
+        assert f"[tsd driver] MLflow run" in proc.stdout and shown in proc.stdout
+        assert SECRET not in proc.stdout and SECRET not in proc.stderr
+        assert "step 5/5" in proc.stderr  # the workers' own log lines came through
+        assert _files_containing(wd / "runs", SECRET) == []
+        assert _files_containing(server_with_password["dir"], SECRET) == []
+        assert list(ray_tmp.rglob("session_*/logs/*.log")), "Ray's session is not under RAY_TMPDIR: nothing scanned"
+        exports = [p for p in ray_tmp.rglob("export_events/*") if p.is_file()]
+        assert any(re.search(rb"train_?[lL]oop_?[cC]onfig", p.read_bytes()) for p in exports), \
+            f"Ray exported no train run (train_loop_config): {[(p.name, p.stat().st_size) for p in exports]}"
+        assert _files_containing(ray_tmp, SECRET) == []
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    client = tracking._client(server_with_password["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("masked-ray").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["tracking.uri"] == shown
+    local = Path(client.download_artifacts(run.info.run_id, "config", str(wd / "dl")))
+    assert shown in (local / "run_config.json").read_text()
