@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import logging
 import os
 import sys
 import threading
@@ -95,6 +96,17 @@ def end_process(code: int | str | None = 0) -> NoReturn:
         print(code, file=sys.stderr)
         code = 1
     atexit._run_exitfuncs()  # MLflow's, logging's, tqdm's ... handlers (it reports their errors itself)
+    exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """os._exit after flushing what this process printed or logged: no atexit handlers, no
+    interpreter teardown, no waiting on anything (also the way out of a failed rank)."""
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:
+            pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -26,7 +26,6 @@ run FAILED.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import sys
@@ -36,6 +35,8 @@ import traceback
 from collections.abc import Callable
 
 import torch.distributed as dist
+
+from pipeline.distributed import exit_now
 
 POLL_S = 0.2  # how often a watcher looks for a failure: the job ends within about this much of it
 ACK_WAIT_S = 15.0  # the most the failing rank waits for the others (e.g. rank 0 ending an MLflow run)
@@ -147,7 +148,7 @@ def _watch() -> None:
         # After the root cause, so torchrun's summary (the earliest timestamp) names it.
         _record_for_torchrun(f"stopped because {line}", f"stopped because {line}\n", int(stamp) + 1)
         _ack(store, rank)
-        _leave(1)
+        exit_now(1)
 
 
 def end_job(exc: BaseException, code: int = 1, logged: bool = False) -> None:
@@ -162,7 +163,7 @@ def end_job(exc: BaseException, code: int = 1, logged: bool = False) -> None:
         already, _leaving = _leaving, True
     if already:  # the watcher is ending this rank for a peer's failure: let it finish
         time.sleep(ACK_WAIT_S + 5)
-        _leave(code)
+        exit_now(code)
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     line = f"rank {rank} of {world} ({socket.gethostname()}) failed: {type(exc).__name__}: {first_line}"
     stack = "".join(traceback.format_exception(exc))
@@ -201,7 +202,7 @@ def end_job(exc: BaseException, code: int = 1, logged: bool = False) -> None:
         except Exception:
             _record_for_torchrun(line, stack, now)
         _ack(store, rank)
-    _leave(code)
+    exit_now(code)
 
 
 def _record_for_torchrun(message: str, stack: str, timestamp: int) -> None:
@@ -216,18 +217,3 @@ def _record_for_torchrun(message: str, stack: str, timestamp: int) -> None:
             json.dump(data, f)
     except OSError:
         pass
-
-
-def _leave(code: int) -> None:
-    """os._exit after flushing: no atexit hooks, no destroy_process_group, no waiting on peers."""
-    for handler in logging.getLogger().handlers:
-        try:
-            handler.flush()
-        except Exception:
-            pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os._exit(code)

@@ -41,6 +41,19 @@ def child_env(**extra) -> dict:
     return env
 
 
+def tiny_config(model_dir: Path, output_dir: Path, name: str) -> dict:
+    """configs/tiny_cpu.yaml on a test's own model, the tiny data and ZeRO-3, writing under
+    `output_dir`: a dict for the test to adjust and write out."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "configs/tiny_cpu.yaml").read_text())
+    cfg.update(name=name, output_dir=str(output_dir))
+    cfg["model"]["path"] = str(model_dir)
+    cfg["data"]["train"] = str(TINY_DATA)
+    cfg["deepspeed"]["config"] = str(ROOT / "configs/deepspeed/zero3.json")
+    return cfg
+
+
 def make_tiny_model(path: Path) -> Path:
     """A random-init tiny LLaMA whose word tokenizer knows every word of the tiny data's prompts."""
     from pipeline.data import generate_prompt, load_records

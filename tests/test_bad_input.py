@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
+from proc_group import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -32,11 +33,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture
 def base(tmp_path, model_dir):
     """A valid tiny config (as a dict) whose outputs all go under tmp_path/runs."""
-    cfg = yaml.safe_load((ROOT / "configs/tiny_cpu.yaml").read_text())
-    cfg.update(name="bad", output_dir=str(tmp_path / "runs"))
-    cfg["model"]["path"] = str(model_dir)
-    cfg["data"]["train"] = str(TRAIN)
-    cfg["deepspeed"]["config"] = str(ROOT / "configs/deepspeed/zero3.json")
+    cfg = tiny_config(model_dir, tmp_path / "runs", "bad")
     cfg["tracking"]["uri"] = f"sqlite:///{tmp_path}/runs/mlflow.db"
     return cfg
 

@@ -197,7 +197,9 @@ def test_errors(setup, tmp_path):
     write_records(tmp_path / "bare.json", [{"instruction": "no format line", "output": "", "answer": "a"}])
     model = ["evaluate", "--model", str(setup["model_dir"]), "--out", str(tmp_path / "o")]
     assert cli.main([*model, "--data", f"nope={tmp_path / 'bare.json'}"]) == 2  # task unknown, no format line
-    assert cli.main([*model, "--data", f"boolq={tmp_path / 'bare.json'}", "--num-beams", "0"]) == 2
+    with pytest.raises(SystemExit) as bad_flag:  # argparse checks the count and names the flag
+        cli.main([*model, "--data", f"boolq={tmp_path / 'bare.json'}", "--num-beams", "0"])
+    assert bad_flag.value.code == 2
     assert cli.main([*model, "--data", "boolq=/does/not/exist.json"]) == 2
     assert not (tmp_path / "o").exists()
 

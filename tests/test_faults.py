@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
-from proc_group import make_tiny_model, torchrun_worker
+from proc_group import make_tiny_model, tiny_config, torchrun_worker
 import yaml
 
 pytestmark = pytest.mark.slow
@@ -18,11 +18,7 @@ def model_dir(tmp_path_factory):
 
 
 def _run(tmp_path, model_dir, mode, fault="TSD_INJECT_NAN_AT_STEP"):
-    cfg = yaml.safe_load((ROOT / "configs/tiny_cpu.yaml").read_text())
-    cfg.update(name=f"nan-{mode}", output_dir=str(tmp_path / "runs"))
-    cfg["model"]["path"] = str(model_dir)
-    cfg["data"]["train"] = str(ROOT / "tests/data/tiny_train.json")
-    cfg["deepspeed"]["config"] = str(ROOT / "configs/deepspeed/zero3.json")
+    cfg = tiny_config(model_dir, tmp_path / "runs", f"nan-{mode}")
     cfg["train"].update(checkpoint_every=1)
     cfg["tracking"].update(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="faults")
     path = tmp_path / "cfg.yaml"

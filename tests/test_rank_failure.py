@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from proc_group import child_env, free_port, make_tiny_model
+from proc_group import child_env, free_port, make_tiny_model, tiny_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +32,7 @@ def model_dir(tmp_path_factory):
 
 
 def _config(tmp_path: Path, model_dir: Path, name: str) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs/tiny_cpu.yaml").read_text())
-    cfg.update(name=name, output_dir=str(tmp_path / "runs"))
-    cfg["model"]["path"] = str(model_dir)
-    cfg["data"]["train"] = str(ROOT / "tests/data/tiny_train.json")
-    cfg["deepspeed"]["config"] = str(ROOT / "configs/deepspeed/zero3.json")
+    cfg = tiny_config(model_dir, tmp_path / "runs", name)
     cfg["tracking"].update(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="rank-failure")
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))

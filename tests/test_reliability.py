@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from proc_group import PicklePayload, free_port, make_tiny_model, run_group, torchrun_worker
+from proc_group import PicklePayload, free_port, make_tiny_model, run_group, tiny_config, torchrun_worker
 from proc_group import child_env as _env
 from safetensors.torch import load_file
 
@@ -31,12 +31,7 @@ def _worker(cfg: Path):
 
 
 def _base_config(wd: Path, name: str) -> dict:
-    cfg = yaml.safe_load((ROOT / "configs/tiny_cpu.yaml").read_text())
-    cfg.update(name=name, output_dir=str(wd / "runs"))
-    cfg["model"]["path"] = str(wd / "model")
-    cfg["data"]["train"] = str(ROOT / "tests/data/tiny_train.json")
-    cfg["deepspeed"]["config"] = str(ROOT / "configs/deepspeed/zero3.json")
-    return cfg
+    return tiny_config(wd / "model", wd / "runs", name)
 
 
 @pytest.fixture(scope="module")

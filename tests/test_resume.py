@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from proc_group import make_tiny_model, torchrun_worker
+from proc_group import make_tiny_model, tiny_config, torchrun_worker
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -30,11 +30,7 @@ def _worker(cfg: Path):
 def full_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("resume")
     make_tiny_model(wd / "model")
-    cfg = yaml.safe_load((ROOT / "configs/tiny_cpu.yaml").read_text())
-    cfg.update(name="full", output_dir=str(wd / "runs"))
-    cfg["model"]["path"] = str(wd / "model")
-    cfg["data"]["train"] = str(ROOT / "tests/data/tiny_train.json")
-    cfg["deepspeed"]["config"] = str(ROOT / "configs/deepspeed/zero3.json")
+    cfg = tiny_config(wd / "model", wd / "runs", "full")
     cfg["method"].update(method="tsd", switch_step=2, dropout=0.1)
     cfg["train"].update(max_steps=6, checkpoint_every=1, warmup_steps=2, schedule="linear", log_every=1)
     cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment="resume")

@@ -446,15 +446,11 @@ def test_a_ray_run_never_shows_the_password(server_with_password, tmp_path_facto
     import tempfile
 
     import yaml
-    from proc_group import child_env, make_tiny_model, run_group
+    from proc_group import child_env, make_tiny_model, run_group, tiny_config
 
     wd = tmp_path_factory.mktemp("masked-run")
     make_tiny_model(wd / "model")
-    cfg = yaml.safe_load((REPO / "configs/tiny_cpu.yaml").read_text())
-    cfg.update(name="masked", output_dir=str(wd / "runs"))
-    cfg["model"]["path"] = str(wd / "model")
-    cfg["data"]["train"] = str(REPO / "tests/data/tiny_train.json")
-    cfg["deepspeed"]["config"] = str(REPO / "configs/deepspeed/zero3.json")
+    cfg = tiny_config(wd / "model", wd / "runs", "masked")
     cfg["tracking"].update(uri=server_with_password["uri"], experiment="masked-ray")
     (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     ray_tmp = Path(tempfile.mkdtemp(prefix="tsdray", dir="/tmp"))  # short: Ray's socket paths have a length limit
@@ -464,7 +460,7 @@ def test_a_ray_run_never_shows_the_password(server_with_password, tmp_path_facto
                                        RAY_enable_export_api_write="1"), timeout=600)
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         shown = server_with_password["uri"].replace(SECRET, "***")
-        assert f"[tsd driver] MLflow run" in proc.stdout and shown in proc.stdout
+        assert "[tsd driver] MLflow run" in proc.stdout and shown in proc.stdout
         assert SECRET not in proc.stdout and SECRET not in proc.stderr
         assert "step 5/5" in proc.stderr  # the workers' own log lines came through
         assert _files_containing(wd / "runs", SECRET) == []
