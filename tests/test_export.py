@@ -104,6 +104,7 @@ def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(dtype).tiny)))) * eps
 
 
+@torch.no_grad()
 @pytest.mark.parametrize("method", ["init", "tsd"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_exported_update_matches_the_trained_model_within_half_an_ulp_of_the_residual(method, dtype):
