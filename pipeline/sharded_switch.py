@@ -28,14 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tsd.directions import (
-    Decomposition,
-    LayerDirections,
-    change_rates,
-    decompose,
-    outside_subspaces,
-    select_directions,
-)
+from tsd.directions import Decomposition, LayerDirections, decompose, layer_directions
 from tsd.inject import tsd_layers
 from tsd.partition import full_shape, gather_to, local_part, set_master_copy
 from tsd.plan import plan_loads, shard_plan
@@ -66,21 +59,6 @@ def _comm_device() -> torch.device:
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _own_directions(
-    item: SwitchItem,
-    scaling: float,
-    dec: Decomposition,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> LayerDirections:
-    rates = change_rates(dec, lora_A, lora_B, scaling)
-    if exclude is not None:  # LoRA-TSD's dash switch: never the subspaces LoRA-Init moved out
-        rates = torch.where(outside_subspaces(dec, *exclude), rates, torch.zeros_like(rates))
-    idx = select_directions(rates, item.count, item.name)
-    return LayerDirections(item.name, idx, dec.S[idx], dec.U[:, idx].contiguous(), dec.V[:, idx].contiguous(), rates)
 
 
 def _selection_size(item: SwitchItem) -> int:
@@ -206,8 +184,10 @@ def sharded_switch(
 
     def own(i: int, dec: Decomposition, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
         layer = layers[items[i].name]
-        exclude = excluded_subspaces(layer, kind)  # replicated buffers: no communication
-        mine[i] = _own_directions(items[i], layer.scaling, dec, lora_A, lora_B, exclude)
+        # The same selection as the single-process run_switch; the weight itself is not needed
+        # once decomposed. Excluded subspaces are replicated buffers: no communication.
+        mine[i] = layer_directions(items[i].name, None, lora_A, lora_B, layer.scaling, items[i].count,
+                                   decomposition=dec, exclude=excluded_subspaces(layer, kind))
         report.decomposed.append(items[i].name)
 
     def share(done: list[list[int]]) -> None:

@@ -141,7 +141,7 @@ def select_directions(rates: torch.Tensor, count: int, name: str = "layer") -> t
 
 def layer_directions(
     name: str,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     scaling: float,
@@ -150,8 +150,11 @@ def layer_directions(
     decomposition: Decomposition | None = None,
     exclude: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> LayerDirections:
-    """One whole work item of a switch for one layer: decompose (unless given), rate, select.
-    `exclude=(B0, A0)`: directions inside LoRA-Init's subspaces are never selected (rate 0)."""
+    """One whole work item of a switch for one layer: decompose (unless given; then `weight` may
+    be None), rate, select. `exclude=(B0, A0)`: directions inside LoRA-Init's subspaces are never
+    selected (rate 0)."""
+    if decomposition is None and weight is None:
+        raise ValueError(f"{name}: layer_directions needs the weight or its decomposition")
     dec = decomposition if decomposition is not None else decompose(weight, dtype)
     rates = change_rates(dec, lora_A, lora_B, scaling)
     if exclude is not None:
