@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from tsd.config import TSDConfig, TSDConfigError
+from tsd.switch import switch_steps
 
 
 class ConfigError(ValueError):
@@ -426,7 +427,7 @@ def _check_store_path(uri: str) -> None:
 def check_switch_fits(cfg: RunConfig, total_steps: int) -> None:
     """The switch must happen before training ends (checked once the data size is known)."""
     m = cfg.method
-    last = {"lora": None, "dash": m.switch_step, "init": m.switch_step, "tsd": 2 * m.switch_step}[m.method]
+    last = max(switch_steps(m.tsd()).values(), default=None)  # the schedule tsd/switch.py runs
     if last is not None and last >= total_steps:
         raise ConfigError(
             f"method.switch_step: the {m.method} switch{'es end' if m.method == 'tsd' else ''} at optimizer step "
