@@ -121,21 +121,14 @@ def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None
     error is one line and exit 2 instead of a worker traceback minutes later: the model folder
     and its targets, the data files, the DeepSpeed config, that the switch fits in training,
     the workers against this machine (local Ray) and the tracking server."""
-    from pipeline.config import check_paths, check_switch_fits
-    from pipeline.train import deepspeed_config, steps_per_epoch
+    from pipeline.config import check_paths
+    from pipeline.train import deepspeed_config, optimizer_steps
 
     check_paths(cfg)  # every input exists as a file/folder, every output folder can be made
     deepspeed_config(cfg)  # exists, is JSON, is ZeRO-3
     _check_model(cfg)
     n = _check_data(cfg)
-    world = world or cfg.workers.num_workers
-    per_epoch = steps_per_epoch(cfg, n, world)
-    if per_epoch == 0:
-        raise ValueError(
-            f"data.train: {n} examples are too few for {world} rank(s) x micro batch "
-            f"{cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum}"
-        )
-    check_switch_fits(cfg, cfg.train.max_steps or max(1, int(cfg.train.epochs * per_epoch)))
+    optimizer_steps(cfg, n, world or cfg.workers.num_workers)  # data enough for a step; the switch fits
     if ray:
         _check_resources(cfg)
     if not cfg.tracking.offline:

@@ -215,8 +215,20 @@ def _examples_cache(cfg: RunConfig, tokenizer):
     return _EXAMPLES[key]
 
 
-def steps_per_epoch(cfg: RunConfig, n_examples: int, world: int) -> int:
-    return (n_examples // world // cfg.train.micro_batch_size) // cfg.train.grad_accum
+def optimizer_steps(cfg: RunConfig, n_examples: int, world: int) -> int:
+    """The run's optimizer steps for `n_examples` over `world` ranks (max_steps, else epochs),
+    refusing data too small for one step and a switch that would not happen before the end.
+    The driver's preflight and the loop both call it, so they cannot disagree."""
+    t = cfg.train
+    per_epoch = (n_examples // world // t.micro_batch_size) // t.grad_accum
+    if per_epoch == 0:
+        raise ValueError(
+            f"data.train: {n_examples} examples are too few for {world} rank(s) x micro batch "
+            f"{t.micro_batch_size} x grad_accum {t.grad_accum}"
+        )
+    steps = t.max_steps or max(1, int(t.epochs * per_epoch))
+    check_switch_fits(cfg, steps)
+    return steps
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -287,15 +299,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
     injection = inject(model, tsd_cfg)
     log(f"model {cfg.model.path} loaded partitioned over {world} rank(s) in {time.perf_counter() - t0:.1f}s; {injection}")
 
-    n_examples = len(_examples_cache(cfg, tokenizer))
-    per_epoch = steps_per_epoch(cfg, n_examples, world)
-    if per_epoch == 0:
-        raise ValueError(
-            f"data.train: {n_examples} examples are too few for {world} rank(s) x micro batch "
-            f"{cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum}"
-        )
-    total_steps = cfg.train.max_steps or max(1, int(cfg.train.epochs * per_epoch))
-    check_switch_fits(cfg, total_steps)
+    total_steps = optimizer_steps(cfg, len(_examples_cache(cfg, tokenizer)), world)
 
     sched_state = {"phase_start": 0}
     params = [p for p in model.parameters() if p.requires_grad]
