@@ -278,8 +278,6 @@ def _check(cfg: RunConfig) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train: required (an LLM-Adapters JSON file, or a list of them)")
     cfg.data.test_sets()  # every test entry names its task
-    if cfg.method.method != "lora" and cfg.method.switch_step < 1:
-        raise ConfigError(f"method.switch_step: must be >= 1 for method {cfg.method.method!r}")
 
 
 def _check_names(cfg: RunConfig) -> None:

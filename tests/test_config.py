@@ -43,7 +43,7 @@ def test_values_and_defaults():
         (_with(method={"targets": [1]}), "method.targets[0]: expected a string"),
         (_with(train={"precision": "fp8"}), "train.precision: 'fp8' is not one of"),
         (_with(workers={"use_gpu": "yes"}), "workers.use_gpu: expected true/false"),
-        (_with(method={"switch_step": 0}), "method.switch_step: must be >= 1"),
+        (_with(method={"switch_step": 0}), "method.switch_step: must be an integer >= 1 for method 'dash'"),
         ({"data": {"train": "d"}}, "model.path: required"),
         (_with(model="x"), "model: expected a mapping"),
         # non-finite numbers, whatever their spelling

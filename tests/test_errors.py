@@ -72,6 +72,7 @@ def test_unknown_method(method):
         (dict(dropout=-0.1), "dropout"),
         (dict(switch_step=-1), "switch_step"),
         (dict(switch_step=2.0), "switch_step"),
+        (dict(method="init", switch_step=0), "switch_step"),  # B = 0 at step 0: nothing to rate
         (dict(method="dash", num_directions=0), "num_directions"),
         (dict(method="tsd", num_directions=-3), "num_directions"),
         (dict(targets=[]), "targets"),
@@ -86,6 +87,10 @@ def test_bad_settings_name_setting_and_value(kwargs, setting):
     assert msg.startswith(setting + ":")
     value = next(iter(kwargs.values())) if setting != "num_directions" else kwargs["num_directions"]
     assert repr(value) in msg
+
+
+def test_plain_lora_accepts_any_switch_step():
+    assert tsd.TSDConfig(method="lora", switch_step=0).switch_step == 0
 
 
 def test_config_errors_are_value_errors():

@@ -53,8 +53,14 @@ class TSDConfig:
             self.targets = [self.targets]
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise TSDConfigError(f"targets: need a non-empty list of module names, got {self.targets!r}")
-        if not isinstance(self.switch_step, int) or isinstance(self.switch_step, bool) or self.switch_step < 0:
-            raise TSDConfigError(f"switch_step: must be an integer >= 0, got {self.switch_step!r}")
+        # At least one step of plain LoRA before a switch: at step 0, B = 0, every change rate is
+        # 0 and the "selection" would be the first indices. Plain LoRA ignores the value.
+        low = 0 if self.method == "lora" else 1
+        if not isinstance(self.switch_step, int) or isinstance(self.switch_step, bool) or self.switch_step < low:
+            raise TSDConfigError(
+                f"switch_step: must be an integer >= {low}{f' for method {self.method!r}' if low else ''}, "
+                f"got {self.switch_step!r}"
+            )
         if self.method != "lora":
             if not isinstance(self.num_directions, int) or isinstance(self.num_directions, bool) or self.num_directions <= 0:
                 raise TSDConfigError(f"num_directions: s must be a positive integer, got {self.num_directions!r}")
