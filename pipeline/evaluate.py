@@ -46,6 +46,7 @@ from pipeline.data import (
     load_records,
     response_text,
 )
+from pipeline.distributed import rank_and_world
 
 PREDICTION_FIELDS = ("index", "task", "instruction", "answer", "output", "prediction", "correct")
 METRIC_PREFIX = "acc_"
@@ -161,14 +162,6 @@ def generate_outputs(model, tokenizer, prompts: Sequence[str], gen_config, synce
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
-def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def evaluate_tasks(
     model,
     tokenizer,
@@ -194,7 +187,7 @@ def evaluate_tasks(
     row with PREDICTION_FIELDS), "settings", "seconds"}. The model is put in eval mode and
     returned to its previous mode.
     """
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -460,7 +453,7 @@ def run_evaluation(
     started = _init_distributed_from_env()
     finished = False
     try:
-        rank, _ = _dist_info()
+        rank, _ = rank_and_world()
         if device is None and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"
         tasks = load_tasks(data)

@@ -36,7 +36,7 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from pipeline.distributed import exit_now
+from pipeline.distributed import exit_now, log, rank_and_world
 
 POLL_S = 0.2  # how often a watcher looks for a failure: the job ends within about this much of it
 ACK_WAIT_S = 15.0  # the most the failing rank waits for the others (e.g. rank 0 ending an MLflow run)
@@ -46,17 +46,6 @@ _leaving = False  # this process has begun to leave, by its own failure or a pee
 _callbacks: list[Callable[[str], None]] = []
 _stop = threading.Event()
 _thread: threading.Thread | None = None
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _say(msg: str) -> None:
-    rank, _ = _rank_world()
-    print(f"[tsd rank {rank}] {msg}", file=sys.stderr, flush=True)
 
 
 def _keys() -> tuple[str, str, str, str]:
@@ -123,7 +112,7 @@ def _watch() -> None:
     while not (dist.is_available() and dist.is_initialized()):
         if _stop.wait(POLL_S):
             return
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     store = _store()
     if world < 2 or store is None:
         return
@@ -139,12 +128,12 @@ def _watch() -> None:
             if _leaving:
                 return
             _leaving = True
-        _say(f"stopping: {line}")
+        log(f"stopping: {line}", all_ranks=True)
         for callback in _callbacks:
             try:
                 callback(line)
             except Exception as e:  # leaving anyway: say what could not be done
-                _say(f"WARNING: while stopping: {type(e).__name__}: {e}")
+                log(f"WARNING: while stopping: {type(e).__name__}: {e}", all_ranks=True)
         # After the root cause, so torchrun's summary (the earliest timestamp) names it.
         _record_for_torchrun(f"stopped because {line}", f"stopped because {line}\n", int(stamp) + 1)
         _ack(store, rank)
@@ -156,7 +145,7 @@ def end_job(exc: BaseException, code: int = 1, logged: bool = False) -> None:
     a multi-rank run. Returns at once in a single-process run, for the caller's usual exit.
     `logged`: the caller has already printed the error (no traceback then)."""
     global _leaving
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     if world < 2:
         return
     with _lock:
@@ -169,7 +158,7 @@ def end_job(exc: BaseException, code: int = 1, logged: bool = False) -> None:
     stack = "".join(traceback.format_exception(exc))
     if not logged:
         sys.stderr.write(stack)
-    _say(f"error: {line}; stopping the job")
+    log(f"error: {line}; stopping the job", all_ranks=True)
     now = int(time.time())
     store = _store()
     count_key, first_key, acks_key, done_key = _keys()
@@ -178,7 +167,7 @@ def end_job(exc: BaseException, code: int = 1, logged: bool = False) -> None:
         try:
             first = store.add(count_key, 1) == 1  # the first failure is the one every rank reports
         except Exception as e:  # no store: the launcher still ends the job on this exit
-            _say(f"WARNING: could not tell the other ranks ({type(e).__name__}: {e})")
+            log(f"WARNING: could not tell the other ranks ({type(e).__name__}: {e})", all_ranks=True)
             store = None
     if first:
         # Recorded before the others hear of it: once they leave, the launcher may SIGTERM this rank.

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipeline.distributed import rank_and_world
 from tsd.directions import Decomposition, LayerDirections, decompose, layer_directions
 from tsd.inject import tsd_layers
 from tsd.partition import full_shape, gather_to, local_part, set_master_copy
@@ -47,12 +48,6 @@ class SwitchReport:
     cache_hits: int = 0
     plan_loads: list[int] = field(default_factory=list)
     directions: list[LayerDirections] = field(default_factory=list)
-
-
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _comm_device() -> torch.device:
@@ -162,7 +157,7 @@ def sharded_switch(
     """Run one switch (`dash` or `init`) over every TSD layer, spread over all ranks.
     Every rank must call it at the same step."""
     t_start = time.perf_counter()
-    rank, world = _dist()
+    rank, world = rank_and_world()
     layers = dict(tsd_layers(model))
     items = switch_items(model, kind)
     owner = shard_plan(items, world)

@@ -1,0 +1,174 @@
+"""Checkpoints of a run: what is saved, how it is loaded safely, and which one a resume uses.
+
+A checkpoint is DeepSpeed's (module incl. the TSD buffers, optimizer, scheduler) plus the data
+position and each rank's RNG state. Files are written under a temporary name then renamed, and
+loaded weights-only (never unpickled). `choose_resume_tag` finds the newest checkpoint that
+every rank has whole, so all ranks resume from the same one or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from pipeline.distributed import log, rank_and_world
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_state: dict) -> None:
+    """A DeepSpeed checkpoint (module incl. the TSD buffers, optimizer, schedule) plus the data
+    position and this rank's RNG state (dropout), so a resumed run continues bit for bit."""
+    tag = f"step{step}"
+    rank, _ = rank_and_world()
+    # The RNG file goes in before DeepSpeed writes `latest`, so a tag it points at is whole.
+    (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
+    save_file({"torch": torch.get_rng_state()}, str(ckpt_dir / tag / f"rng_rank{rank}.safetensors"))
+    engine.save_checkpoint(
+        str(ckpt_dir),
+        tag=tag,
+        client_state={"consumed_micro_batches": micro_index, "phase_start": sched_state["phase_start"]},
+    )
+    log(f"checkpoint {tag} written to {ckpt_dir}")
+
+
+def weights_only_checkpoint_engine(current):
+    """DeepSpeed's torch checkpoint engine loads with torch.load(weights_only=False), i.e. it
+    unpickles: a checkpoint folder from elsewhere could run code when a run resumes from it.
+    This returns an engine that saves the same files (atomically) but loads them with
+    weights_only=True, allowing only the plain-data DeepSpeed classes ZeRO-3 checkpoints hold
+    (the stage enum and the loss scalers, rebuilt from their attributes, no code of theirs run).
+    Any other checkpoint engine configured in the DeepSpeed config is refused, not trusted."""
+    # deepspeed imported here, not at the top: commands that only read checkpoints' names
+    # (preflight, tests) need not pay for importing it.
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def save(self, state_dict, path: str):
+            # Temporary name, then rename: a crash mid-write never leaves a truncated file
+            # under the real name (resume also checks every file it needs).
+            tmp = f"{path}.tmp-{os.getpid()}"
+            try:
+                torch.save(state_dict, tmp, _use_new_zipfile_serialization=self.zipfile_serialization)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+        def load(self, path: str, map_location=None):
+            try:
+                with torch.serialization.safe_globals(allowed):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+            except pickle.UnpicklingError as e:
+                what = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+                raise RuntimeError(
+                    f"checkpoint {path}: refused by the weights-only load, it holds more than tensors and plain "
+                    f"data ({what or 'unreadable'}); lora-tsd never unpickles checkpoints"
+                ) from None
+
+    if current is not None and type(current) not in (TorchCheckpointEngine, WeightsOnlyCheckpointEngine):
+        raise ValueError(
+            f"deepspeed.config: checkpoint engine {type(current).__name__} is not supported (it unpickles on load); "
+            "remove its settings so the torch engine, with weights-only loads, is used"
+        )
+    engine = WeightsOnlyCheckpointEngine()
+    engine.zipfile_serialization = getattr(current, "zipfile_serialization", True)  # the same files as before
+    return engine
+
+
+def _step_of(tag: str) -> int | None:
+    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
+
+
+def _is_whole_file(path: Path) -> bool:
+    """Cheap structural checks that catch truncated or empty files without loading them:
+    torch.save writes a zip archive (its end record is at the very end), and a safetensors
+    file's header declares where its last tensor ends."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return False
+        if path.suffix == ".pt":
+            return zipfile.is_zipfile(path)
+        if path.suffix == ".safetensors":
+            with path.open("rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            return size == 8 + n + end
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def tag_problem(tag_dir: Path, rank: int, bf16: bool) -> str | None:
+    """Why this rank cannot resume from `tag_dir` (a missing, empty or truncated file), or None.
+
+    Each rank checks only its own files (ZeRO-3 loads each rank's partition from its own
+    files, and on several nodes without a shared disk a rank sees only its node's files)."""
+    if not tag_dir.is_dir():
+        return f"{tag_dir} does not exist"
+    optim = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+             f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
+    wanted = [[f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"], optim, [f"rng_rank{rank}.safetensors"]]
+    for names in wanted:
+        present = [tag_dir / n for n in names if (tag_dir / n).exists()]
+        if not present:
+            return f"{tag_dir / names[0]} is missing"
+        if not _is_whole_file(present[0]):
+            return f"{present[0]} is empty or truncated"
+    return None
+
+
+def choose_resume_tag(ckpt_dir: Path, rank: int, world: int, bf16: bool = False) -> str | None:
+    """The checkpoint tag every rank resumes from: the one `latest` names when it is whole on
+    every rank, else the newest older stepN tag that is; None to start from scratch.
+
+    Rank 0 lists the candidates and broadcasts them; every rank checks its own files and the
+    verdicts are combined with an all-reduce, so all ranks load the same tag or none."""
+    candidates: list[str] = []
+    if rank == 0 and (ckpt_dir / "latest").is_file():
+        latest = (ckpt_dir / "latest").read_text().strip()
+        older = sorted((d.name for d in ckpt_dir.iterdir() if d.is_dir() and _step_of(d.name) is not None
+                        and d.name != latest), key=_step_of, reverse=True)
+        if _step_of(latest) is not None:  # only tags older than `latest`: never jump ahead of it
+            older = [t for t in older if _step_of(t) < _step_of(latest)]
+        candidates = [latest, *older]
+    if world > 1:
+        box = [candidates]
+        dist.broadcast_object_list(box, src=0)
+        candidates = box[0]
+    if not candidates:
+        return None
+    problems = [tag_problem(ckpt_dir / t, rank, bf16) for t in candidates]
+    bad = torch.tensor([0.0 if p is None else 1.0 for p in problems])
+    if world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    for p in problems:
+        if p is not None:
+            log(f"checkpoint check: {p}", all_ranks=True)
+    good = [t for t, b in zip(candidates, bad.tolist()) if b == 0.0]
+    if not good:
+        log(f"WARNING: no usable checkpoint in {ckpt_dir} (latest names {candidates[0]!r}, which is incomplete, "
+            f"and no older whole stepN tag); training starts from scratch")
+        return None
+    if good[0] != candidates[0]:
+        log(f"WARNING: the latest checkpoint {candidates[0]!r} in {ckpt_dir} is incomplete or corrupt; "
+            f"resuming from the newest whole older checkpoint {good[0]!r} instead")
+    return good[0]
+
+
+def restore_rng(ckpt_path: Path) -> None:
+    rank, _ = rank_and_world()
+    f = ckpt_path / f"rng_rank{rank}.safetensors"
+    if f.is_file():
+        torch.set_rng_state(load_file(str(f))["torch"])
