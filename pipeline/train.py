@@ -25,6 +25,7 @@ import torch.distributed as dist
 from pipeline.config import RunConfig, check_switch_fits
 from pipeline.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
 from pipeline.distributed import log, rank_and_world
+from pipeline.evaluate import evaluate_after_training
 from tsd.inject import inject, tsd_layers
 from tsd.partition import full_shape, is_partitioned
 from tsd.switch import INIT, due_switches
@@ -481,52 +482,6 @@ def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker) -> tu
     if dist.is_initialized():
         dist.barrier()
     return str(out), state
-
-
-def unpartitioned_copy(cfg: RunConfig, state: dict):
-    """Each rank's own whole copy of the base model with the just-exported adapter.
-
-    Generating with the ZeRO-3 engine all-gathers every weight for every new token (measured
-    ~15 s per Social-IQa row for SmolLM2 on CPU); a whole copy per rank generates its shard of
-    the test set at full speed. It costs one model's memory per rank for the evaluation only.
-    """
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    from tsd.export import apply_state
-
-    unset_hf_deepspeed_config()  # from here on from_pretrained must not partition
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
-                                                 trust_remote_code=cfg.model.trust_remote_code)
-    apply_state(model, cfg.method.tsd(), state)
-    if torch.cuda.is_available():
-        model = model.to(torch.device("cuda", torch.cuda.current_device()))
-    return model.eval()
-
-
-def evaluate_after_training(adapter_state: dict, tokenizer, cfg: RunConfig, run_dir: Path, tracker, step: int) -> dict:
-    """The paper's protocol on every test set of data.test, sharded over the ranks (every rank calls it)."""
-    from pipeline.data import load_records
-    from pipeline.evaluate import evaluate_tasks, write_results
-
-    t = cfg.train
-    sets = cfg.data.test_sets()
-    log(f"evaluating on {', '.join(sets)} (beams {t.eval_num_beams}, max new tokens {t.eval_max_new_tokens}, "
-        f"batch {t.eval_batch_size}, limit {t.eval_limit} rows per task)")
-    eval_model = unpartitioned_copy(cfg, adapter_state)
-    result = evaluate_tasks(
-        eval_model, tokenizer, {task: load_records(path) for task, path in sets.items()},
-        num_beams=t.eval_num_beams, max_new_tokens=t.eval_max_new_tokens, limit=t.eval_limit,
-        batch_size=t.eval_batch_size,
-    )
-    del eval_model
-    rank, _ = rank_and_world()
-    if rank == 0:
-        out = write_results(result, run_dir / "eval")
-        tracker.log_metrics(result["metrics"], step)
-        tracker.log_artifacts(str(out), "eval")
-        log("accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
-    return dict(result["metrics"])
 
 
 def main_entry(cfg: RunConfig, ctx: WorkerContext) -> TrainResult:
