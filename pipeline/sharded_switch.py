@@ -20,7 +20,6 @@ Without a process group (one process) the same code runs the items in order.
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -29,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipeline.distributed import rank_and_world
+from pipeline.faults import NO_FAULTS, Faults
 from tsd.directions import Decomposition, LayerDirections, decompose, layer_directions
 from tsd.inject import tsd_layers
 from tsd.partition import full_shape, gather_to, local_part, set_master_copy
@@ -153,6 +153,7 @@ def sharded_switch(
     step: int,
     svd_dtype: str = "float32",
     cache_dir: str | None = None,
+    faults: Faults = NO_FAULTS,
 ) -> SwitchReport:
     """Run one switch (`dash` or `init`) over every TSD layer, spread over all ranks.
     Every rank must call it at the same step."""
@@ -165,7 +166,6 @@ def sharded_switch(
     cache = SVDCache(cache_dir) if cache_dir else None
     dtype = {"float32": torch.float32, "float64": torch.float64}[svd_dtype]
     device = _comm_device()
-    fail_rank = int(os.environ["TSD_INJECT_FAIL_IN_SWITCH_RANK"]) if os.environ.get("TSD_INJECT_FAIL_IN_SWITCH_RANK") else None
     # Each rank's queue in descending cost (the plan's order), so the items of one round are
     # of like size and no rank waits long for another's SVD before the next round's gather.
     queues = [sorted((i for i in range(len(items)) if owner[i] == k), key=lambda i: (-items[i].cost, i))
@@ -259,11 +259,7 @@ def sharded_switch(
                 dec = cache.get(key, device=weight.device)  # decomposed before, under another partitioning
             if dec is None:
                 dec = decompose(weight, svd_dtype)
-                if fail_rank == rank:  # fault injection for tests: this rank fails mid-switch, its peers
-                    # are then inside (or entering) the round's broadcasts, as when a cache write fails
-                    raise RuntimeError(f"injected failure in the switch on rank {rank} (TSD_INJECT_FAIL_IN_SWITCH_RANK)")
-                if fail_rank is not None:  # ...or, with TSD_INJECT_SWITCH_PEER_DELAY_S, still busy with a big SVD
-                    time.sleep(float(os.environ.get("TSD_INJECT_SWITCH_PEER_DELAY_S") or 0.0))
+                faults.in_switch(rank)  # reliability tests: a rank failing mid-switch
                 if cache is not None:
                     cache.put(key, dec)
             else:

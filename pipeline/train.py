@@ -26,6 +26,7 @@ from pipeline.config import RunConfig, check_switch_fits
 from pipeline.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
 from pipeline.distributed import log, rank_and_world
 from pipeline.evaluate import evaluate_after_training
+from pipeline.faults import Faults
 from tsd.inject import inject, tsd_layers
 from tsd.partition import full_shape, is_partitioned
 from tsd.switch import INIT, due_switches
@@ -39,6 +40,7 @@ class WorkerContext:
     tracking_uri: str | None = None
     report: Callable[[dict], None] | None = None  # e.g. ray.train.report
     launcher: str = "local"
+    faults: Faults = field(default_factory=Faults.from_env)  # only the reliability tests set any
 
 
 class NonFiniteLossError(RuntimeError):
@@ -330,9 +332,6 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
     accum = cfg.train.grad_accum
     step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
     micro_index = 0
-    fault_nan_step = int(os.environ["TSD_INJECT_NAN_AT_STEP"]) if os.environ.get("TSD_INJECT_NAN_AT_STEP") else None
-    fault_nan_grad_step = int(os.environ["TSD_INJECT_NAN_GRAD_AT_STEP"]) if os.environ.get("TSD_INJECT_NAN_GRAD_AT_STEP") else None
-    fault_step_delay = float(os.environ.get("TSD_INJECT_STEP_DELAY_S") or 0.0)
     epoch = 0
     done = engine.global_steps >= total_steps
     engine.train()
@@ -343,11 +342,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
                 continue  # resuming: skip what the checkpoint already consumed
             lr_now = optimizer.param_groups[0]["lr"]  # the rate this step applies
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-            loss = out.loss
-            if fault_nan_step is not None and engine.global_steps + 1 == fault_nan_step:
-                loss = loss * float("nan")  # fault injection for tests (TSD_INJECT_NAN_AT_STEP)
-            if fault_nan_grad_step is not None and engine.global_steps + 1 == fault_nan_grad_step:
-                loss = loss + torch.sqrt(loss * 0.0)  # same finite loss, NaN gradient (TSD_INJECT_NAN_GRAD_AT_STEP)
+            loss = ctx.faults.loss(out.loss, engine.global_steps + 1)
             if not loss_is_finite(loss, world):
                 # No "skip" mode: under ZeRO-3 a forward without its backward desynchronises the
                 # ranks' parameter fetches (the run hangs), and a zero-loss backward still lets
@@ -395,11 +390,10 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
                     f"{metrics['tokens_per_s']:.0f} tok/s {seconds:.2f}s/step")
                 # No per-step ray.train.report: each call blocks ~2 s in Ray Train V2 (measured),
                 # which cost 94% of Ray's throughput. MLflow gets every step; Ray gets the end.
-            if fault_step_delay:
-                time.sleep(fault_step_delay)  # fault injection for tests (TSD_INJECT_STEP_DELAY_S): act mid-run
+            ctx.faults.after_step()
 
             for kind in due_switches(engine.module, tsd_cfg, step):
-                rep = sharded_switch(engine.module, kind, step, tsd_cfg.svd_dtype, cfg.method.svd_cache)
+                rep = sharded_switch(engine.module, kind, step, tsd_cfg.svd_dtype, cfg.method.svd_cache, ctx.faults)
                 if kind == INIT:
                     reset_optimizer_state(engine)
                     restart_schedule(scheduler, sched_state, step)
