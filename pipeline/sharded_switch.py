@@ -31,10 +31,10 @@ from pipeline.distributed import rank_and_world
 from pipeline.faults import NO_FAULTS, Faults
 from tsd.directions import Decomposition, LayerDirections, decompose, layer_directions
 from tsd.inject import tsd_layers
-from tsd.partition import full_shape, gather_to, local_part, set_master_copy
+from tsd.partition import full_shape, gather_to, local_part
 from tsd.plan import plan_loads, shard_plan
 from tsd.svd_cache import SVDCache, part_digest, partition_key, weight_key
-from tsd.switch import INIT, SwitchItem, excluded_subspaces, fill, switch_items
+from tsd.switch import SwitchItem, switch_items, switch_kind
 
 
 @dataclass
@@ -74,15 +74,6 @@ def _unpack(buf: torch.Tensor, item: SwitchItem) -> LayerDirections:
     # Indices travel as floats of the SVD precision: exact below 2^24 (float32), ample for
     # any min(m, n) a weight has.
     return LayerDirections(item.name, idx.round().long(), sigma, U.view(m, c), V.view(n, c), rates)
-
-
-def _record(layer, kind: str, d: LayerDirections) -> LayerDirections:
-    """What the report keeps of an installed selection, without holding the broadcast buffer:
-    a dash selection's U_s, V_s are the layer's own buffers (the same values); LoRA-Init's
-    U_r, V_r are copied (r columns)."""
-    if kind == INIT:
-        return LayerDirections(d.name, d.indices.clone(), d.sigma.clone(), d.U.clone(), d.V.clone(), d.change_rates.clone())
-    return LayerDirections(d.name, d.indices.clone(), d.sigma.clone(), layer.dash_U, layer.dash_V, d.change_rates.clone())
 
 
 def _chunks(indices: list[int], size_of, limit: int) -> list[list[int]]:
@@ -160,6 +151,7 @@ def sharded_switch(
     t_start = time.perf_counter()
     rank, world = rank_and_world()
     layers = dict(tsd_layers(model))
+    switch = switch_kind(kind)
     items = switch_items(model, kind)
     owner = shard_plan(items, world)
     report = SwitchReport(kind=kind, step=step, world_size=world, plan_loads=plan_loads(items, owner, world))
@@ -182,7 +174,7 @@ def sharded_switch(
         # The same selection as the single-process run_switch; the weight itself is not needed
         # once decomposed. Excluded subspaces are replicated buffers: no communication.
         mine[i] = layer_directions(items[i].name, None, lora_A, lora_B, layer.scaling, items[i].count,
-                                   decomposition=dec, exclude=excluded_subspaces(layer, kind))
+                                   decomposition=dec, exclude=switch.exclude(layer))
         report.decomposed.append(items[i].name)
 
     def share(done: list[list[int]]) -> None:
@@ -204,12 +196,8 @@ def sharded_switch(
                 got = [_unpack(part, items[i]) for i, part in zip(its, torch.split(buf, sizes))]
             for i, d in zip(its, got):
                 layer = layers[d.name]
-                fill(layer, kind, d, step, modifier_rank=0)
-                if kind == INIT:
-                    A, B = layer.init_factors(d)
-                    set_master_copy(layer.lora_A, A)
-                    set_master_copy(layer.lora_B, B)
-                results[i] = _record(layer, kind, d)
+                switch.fill(layer, d, step, modifier_rank=0)
+                results[i] = switch.installed(layer, d)
 
     # 1. Warm cache: items whose decomposition is on disk need only their (small) LoRA
     #    factors at the owner: packed, several items per gather, no weight moves.

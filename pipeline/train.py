@@ -29,7 +29,7 @@ from pipeline.evaluate import evaluate_after_training
 from pipeline.faults import Faults
 from tsd.inject import inject, tsd_layers
 from tsd.partition import full_shape, is_partitioned
-from tsd.switch import INIT, due_switches
+from tsd.switch import due_switches, switch_kind
 
 
 @dataclass
@@ -394,7 +394,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
 
             for kind in due_switches(engine.module, tsd_cfg, step):
                 rep = sharded_switch(engine.module, kind, step, tsd_cfg.svd_dtype, cfg.method.svd_cache, ctx.faults)
-                if kind == INIT:
+                if switch_kind(kind).restarts_training:
                     reset_optimizer_state(engine)
                     restart_schedule(scheduler, sched_state, step)
                 result.switch_seconds[kind] = rep.seconds
