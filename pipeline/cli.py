@@ -45,7 +45,8 @@ _POSITIVE, _NON_NEGATIVE = _count(1), _count(0)
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.driver import preflight, run
+    from pipeline.driver import run
+    from pipeline.preflight import preflight
     from pipeline.paths import resolve_paths
     from pipeline.tracking import resolve_tracking_uri
 

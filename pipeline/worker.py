@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.tracking import resolve_tracking_uri
     from pipeline.train import WorkerContext, main_entry
 
-    from pipeline.driver import preflight
+    from pipeline.preflight import preflight
 
     cfg = resolve_paths(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))

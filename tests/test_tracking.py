@@ -151,6 +151,7 @@ def test_train_success_lines_mask_the_password(tmp_path, monkeypatch, capsys):
     import yaml
 
     import pipeline.driver
+    import pipeline.preflight
     from pipeline.cli import main
 
     uri = f"http://alice:{SECRET}@127.0.0.1:5000"
@@ -160,7 +161,7 @@ def test_train_success_lines_mask_the_password(tmp_path, monkeypatch, capsys):
         seen["uri"] = tracking_uri  # the connection gets the full URI
         return {"run_id": "r" * 32, "metrics": {"wall_seconds": 1.0, "final_loss": 0.5}}
 
-    monkeypatch.setattr(pipeline.driver, "preflight", lambda cfg: None)
+    monkeypatch.setattr(pipeline.preflight, "preflight", lambda cfg: None)
     monkeypatch.setattr(pipeline.driver, "run", fake_run)
     cfg = {"name": "x", "output_dir": str(tmp_path / "runs"), "model": {"path": "m"}, "data": {"train": "d.json"},
            "tracking": {"uri": uri}}

@@ -1,0 +1,130 @@
+"""Pre-launch checks: everything a run needs that can be checked before Ray or any worker
+starts (model folder and targets, data files, DeepSpeed config, that the switch fits, the
+workers against this machine, the tracking server), so a user error is one line and exit 2
+instead of a worker traceback minutes later. `tsd train` and `pipeline.worker` both call
+`preflight`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pipeline.config import ConfigError, RunConfig
+
+
+def check_tracking_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
+    """An `http(s)://` tracking server must answer at start-up: fail fast (a clear error, not
+    minutes of MLflow retries and a traceback) unless the run is `tracking.offline`."""
+    from urllib.parse import urlsplit
+
+    from pipeline.tracking import mask_secrets
+
+    if not uri or not uri.startswith(("http://", "https://")):
+        return  # sqlite / file stores are local: nothing to reach
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(  # a ValueError: the CLI prints it as one line and exits 2
+            f"tracking.uri: the MLflow tracking server {mask_secrets(uri)} is not reachable ({reason}); "
+            f"start it (launch/mlflow_server.sh), fix tracking.uri, or set tracking.offline: true to train without MLflow"
+        ) from None
+
+
+def _check_model(cfg: RunConfig) -> None:
+    """model.path is a model folder whose architecture has the targets, each big enough for r
+    and s: checked on the model's config alone, built on the meta device (no weights read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tsd.inject import inject
+
+    path = Path(cfg.model.path)
+    if not path.exists():
+        raise FileNotFoundError(f"model.path: {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
+    try:
+        hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:  # a broken or unsupported config.json: any library error, named once
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"model.path: {path / 'config.json'} cannot be used: {type(e).__name__}: {first}") from None
+    try:
+        inject(model, cfg.method.tsd())  # raises TargetError (no match, r or s too large) before changing anything
+    except ValueError as e:
+        msg = str(e)
+        key = "" if msg.startswith("targets") else "num_directions: " if "num_directions" in msg else "r: " if " r=" in msg else "targets: "
+        raise ConfigError(f"method.{key}{msg} (model {path})") from None
+
+
+def _check_data(cfg: RunConfig) -> int:
+    """Training (and test) files parse; test answers can be scored. Returns the training rows used."""
+    from pipeline.data import extract_answer, load_many, load_records
+    from pipeline.evaluate import row_format
+
+    n = len(load_many(cfg.data.train))
+    if cfg.data.limit:
+        n = min(n, cfg.data.limit)
+    for task, path in cfg.data.test_sets().items():
+        rows = load_records(path)
+        for i, row in enumerate(rows):
+            fam = row_format(task, row)
+            if extract_answer(fam, str(row["answer"])) is None:
+                raise ValueError(
+                    f"data.test: {path}: row {i}: answer {row['answer']!r} can never match the {fam!r} "
+                    f"answer format of task {task!r}, so the row could never be scored correct"
+                )
+    return n
+
+
+def _check_resources(cfg: RunConfig) -> None:
+    """A local Ray (no address) gets this machine only: the workers must fit on it."""
+    import torch
+
+    w = cfg.workers
+    if w.address or os.environ.get("RAY_ADDRESS"):
+        return  # a cluster's resources are checked once connected (run())
+    if w.use_gpu and torch.cuda.device_count() < w.num_workers:
+        raise ConfigError(
+            f"workers.use_gpu: {w.num_workers} workers need {w.num_workers} GPUs; this machine has "
+            f"{torch.cuda.device_count()} (set workers.use_gpu: false or fewer workers)"
+        )
+    cpus = os.cpu_count() or 1
+    if w.num_workers * w.cpus_per_worker > cpus:
+        raise ConfigError(
+            f"workers: {w.num_workers} workers x {w.cpus_per_worker} CPUs need {w.num_workers * w.cpus_per_worker} "
+            f"CPUs; this machine has {cpus} (lower workers.num_workers or workers.cpus_per_worker)"
+        )
+    if not w.use_gpu and w.num_workers * w.cpus_per_worker == cpus:
+        # Measured (docs/BENCHMARKS.md, benchmark 4): Ray's own processes take ~0.1 core in
+        # steady state; with no core left for them, CPU workers run ~7% slower than under a
+        # bare launcher, and as fast with one core spare.
+        print(f"[tsd driver] note: the workers take all {cpus} CPUs of this machine, so Ray's own processes "
+              "(~0.1 CPU in steady state) share their cores (2 workers on 2 CPUs: 7% fewer tokens/s than a bare "
+              "launcher). One CPU left free avoids it.", flush=True)
+
+
+def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None = None, ray: bool = True) -> None:
+    """Everything a run needs that can be checked before Ray or any worker starts, so a user
+    error is one line and exit 2 instead of a worker traceback minutes later: the model folder
+    and its targets, the data files, the DeepSpeed config, that the switch fits in training,
+    the workers against this machine (local Ray) and the tracking server."""
+    from pipeline.config import check_paths
+    from pipeline.train import deepspeed_config, optimizer_steps
+
+    check_paths(cfg)  # every input exists as a file/folder, every output folder can be made
+    deepspeed_config(cfg)  # exists, is JSON, is ZeRO-3
+    _check_model(cfg)
+    n = _check_data(cfg)
+    optimizer_steps(cfg, n, world or cfg.workers.num_workers)  # data enough for a step; the switch fits
+    if ray:
+        _check_resources(cfg)
+    if not cfg.tracking.offline:
+        check_tracking_reachable(tracking_uri if tracking_uri is not None else cfg.tracking.uri)
