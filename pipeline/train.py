@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -272,14 +273,25 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     return result
 
 
-def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -> TrainResult:
+@dataclass
+class Session:
+    """What set-up builds and the loop runs on (one per process and run)."""
+
+    engine: Any
+    optimizer: Any
+    scheduler: Any
+    tokenizer: Any
+    ds_config: dict
+    total_steps: int
+    sched_state: dict  # {"phase_start": step}: LoRA-Init restarts the schedule (lr_lambda_factory)
+    hf_ds: Any  # HfDeepSpeedConfig: stays referenced while ZeRO-3 generation may run
+    consumed_micro: int = 0  # micro-batches a resumed checkpoint already trained on
+
+
+def setup(cfg: RunConfig, tracker, world: int) -> Session:
+    """Model loaded partitioned, TSD layers injected, optimizer + schedule, DeepSpeed engine;
+    then the newest whole checkpoint, if any, and the run's set-up logged to MLflow."""
     import deepspeed
-
-    from pipeline.sharded_switch import sharded_switch
-
-    tsd_cfg = cfg.method.tsd()
-    run_dir = cfg.run_dir.resolve()
-    ckpt_dir = run_dir / "checkpoints"
 
     ds_config = deepspeed_config(cfg)
     t0 = time.perf_counter()
@@ -287,11 +299,10 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
     assert_partitioned(model)
     # The same seed on every rank: A's Kaiming init must agree before ZeRO-3 partitions it.
     torch.manual_seed(cfg.train.seed)
-    injection = inject(model, tsd_cfg)
+    injection = inject(model, cfg.method.tsd())
     log(f"model {cfg.model.path} loaded partitioned over {world} rank(s) in {time.perf_counter() - t0:.1f}s; {injection}")
 
     total_steps = optimizer_steps(cfg, len(_examples_cache(cfg, tokenizer)), world)
-
     sched_state = {"phase_start": 0}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -299,26 +310,9 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    # hf_ds stays referenced: generation under ZeRO-3 (the evaluation) checks it is alive.
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)
-
-    # Resume from the latest checkpoint when there is one (TSD state rides in the module buffers).
-    consumed_micro = 0
-    resumed = False
-    tag = choose_resume_tag(ckpt_dir, rank, world, bf16=ds_config.get("bf16", {}).get("enabled") is True)
-    if tag is not None:
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
-        consumed_micro = int(client.get("consumed_micro_batches", 0))
-        sched_state["phase_start"] = int(client.get("phase_start", 0))
-        restore_rng(ckpt_dir / tag)
-        resumed = True
-        log(f"resumed from {path} at optimizer step {engine.global_steps}")
-    if resumed:
-        # A resume in the same MLflow run (a Ray Train worker restart, or the same command rerun
-        # after a crash) is recorded, so a run's history shows it was stitched together.
-        record_restart(tracker, engine.global_steps)
+    session = Session(engine, optimizer, scheduler, tokenizer, ds_config, total_steps, sched_state, hf_ds)
+    resume(session, cfg, tracker, world)
 
     hosts = [socket.gethostname()] * world
     if world > 1:
@@ -328,6 +322,32 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
     tracker.log_dict(ds_config, "config/deepspeed_config.json")
     tracker.log_params({"total_steps": total_steps, "world_size": world, "trainable_params": injection.trainable_params,
                         "trainable_percent": round(injection.trainable_percent, 6)})
+    return session
+
+
+def resume(session: Session, cfg: RunConfig, tracker, world: int) -> None:
+    """Load the newest checkpoint every rank has whole (TSD state rides in the module buffers)."""
+    rank, _ = rank_and_world()
+    ckpt_dir = cfg.run_dir.resolve() / "checkpoints"
+    tag = choose_resume_tag(ckpt_dir, rank, world, bf16=session.ds_config.get("bf16", {}).get("enabled") is True)
+    if tag is None:
+        return
+    engine = session.engine
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
+    session.consumed_micro = int(client.get("consumed_micro_batches", 0))
+    session.sched_state["phase_start"] = int(client.get("phase_start", 0))
+    restore_rng(ckpt_dir / tag)
+    log(f"resumed from {path} at optimizer step {engine.global_steps}")
+    # A resume in the same MLflow run (a Ray Train worker restart, or the same command rerun
+    # after a crash) is recorded, so a run's history shows it was stitched together.
+    record_restart(tracker, engine.global_steps)
+
+
+def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -> TrainResult:
+    s = setup(cfg, tracker, world)
+    engine, total_steps, ckpt_dir = s.engine, s.total_steps, cfg.run_dir.resolve() / "checkpoints"
     result = TrainResult()
     accum = cfg.train.grad_accum
     step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
@@ -336,24 +356,19 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
     done = engine.global_steps >= total_steps
     engine.train()
     while not done:
-        for batch in build_batches(cfg, tokenizer, rank, world, epoch):
+        for batch in build_batches(cfg, s.tokenizer, rank, world, epoch):
             micro_index += 1
-            if micro_index <= consumed_micro:
+            if micro_index <= s.consumed_micro:
                 continue  # resuming: skip what the checkpoint already consumed
-            lr_now = optimizer.param_groups[0]["lr"]  # the rate this step applies
+            lr_now = s.optimizer.param_groups[0]["lr"]  # the rate this step applies
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
             loss = ctx.faults.loss(out.loss, engine.global_steps + 1)
             if not loss_is_finite(loss, world):
                 # No "skip" mode: under ZeRO-3 a forward without its backward desynchronises the
                 # ranks' parameter fetches (the run hangs), and a zero-loss backward still lets
                 # AdamW's momentum move the weights, so a skip would not be a skip.
-                where = f"optimizer step {engine.global_steps + 1}, micro-batch {micro_index}"
-                last = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else "none"
-                raise NonFiniteLossError(
-                    f"non-finite loss ({float(loss)}) at {where}; stopping. The last good checkpoint "
-                    f"({last} in {ckpt_dir}) is kept; lower train.lr or check the data, then rerun "
-                    f"the same command to resume from it"
-                )
+                raise non_finite(f"non-finite loss ({float(loss)}) at optimizer step {engine.global_steps + 1}, "
+                                 f"micro-batch {micro_index}; stopping", ckpt_dir)
             engine.backward(loss)
             engine.step()
             step_loss += float(loss.detach())
@@ -376,13 +391,9 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
             if norm is not None:
                 metrics["grad_norm"] = float(norm)
                 if not math.isfinite(float(norm)):  # global norm: every rank sees the same value
-                    last = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else "none"
-                    raise NonFiniteLossError(
-                        f"non-finite gradient norm ({float(norm)}) at optimizer step {step} with a finite loss "
-                        f"({metrics['loss']:.4g}); stopping before this step's weights are saved. The last good "
-                        f"checkpoint ({last} in {ckpt_dir}) is kept; lower train.lr or check the data, then rerun "
-                        f"the same command to resume from it"
-                    )
+                    raise non_finite(f"non-finite gradient norm ({float(norm)}) at optimizer step {step} with a finite "
+                                     f"loss ({metrics['loss']:.4g}); stopping before this step's weights are saved",
+                                     ckpt_dir)
             result.final_loss = metrics["loss"]
             if step % cfg.train.log_every == 0 or step == total_steps:
                 tracker.log_metrics(metrics, step)
@@ -391,21 +402,9 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
                 # No per-step ray.train.report: each call blocks ~2 s in Ray Train V2 (measured),
                 # which cost 94% of Ray's throughput. MLflow gets every step; Ray gets the end.
             ctx.faults.after_step()
-
-            for kind in due_switches(engine.module, tsd_cfg, step):
-                rep = sharded_switch(engine.module, kind, step, tsd_cfg.svd_dtype, cfg.method.svd_cache, ctx.faults)
-                if switch_kind(kind).restarts_training:
-                    reset_optimizer_state(engine)
-                    restart_schedule(scheduler, sched_state, step)
-                result.switch_seconds[kind] = rep.seconds
-                log(f"{kind} switch at step {step}: {len(rep.directions)} layers in {rep.seconds:.2f}s "
-                    f"(this rank decomposed {len(rep.decomposed)} in {rep.decompose_seconds:.2f}s, "
-                    f"cache hits {rep.cache_hits}, plan loads {rep.plan_loads})", all_ranks=True)
-                tracker.log_metrics({f"switch_{kind}_seconds": rep.seconds}, step)
-                tracker.log_directions(rep.directions, kind, step)
-
+            run_due_switches(s, cfg, ctx, tracker, step, result)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(engine, ckpt_dir, step, micro_index, sched_state)
+                save_checkpoint(engine, ckpt_dir, step, micro_index, s.sched_state)
             step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
             if step >= total_steps:
                 done = True
@@ -415,10 +414,35 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
             raise RuntimeError("training made no progress over 10000 epochs (empty data shard?)")
 
     result.steps = engine.global_steps
-    save_checkpoint(engine, ckpt_dir, result.steps, micro_index, sched_state)
-    result.adapter_dir, adapter_state = export_adapter(engine.module, cfg, tsd_cfg, run_dir, tracker)
+    save_checkpoint(engine, ckpt_dir, result.steps, micro_index, s.sched_state)
+    return finish(s, cfg, ctx, tracker, result)
+
+
+def run_due_switches(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, step: int, result: TrainResult) -> None:
+    """The switches due after `step` (sharded over the ranks), and what follows each."""
+    from pipeline.sharded_switch import sharded_switch
+
+    tsd_cfg = cfg.method.tsd()
+    for kind in due_switches(s.engine.module, tsd_cfg, step):
+        rep = sharded_switch(s.engine.module, kind, step, tsd_cfg.svd_dtype, cfg.method.svd_cache, ctx.faults)
+        if switch_kind(kind).restarts_training:
+            reset_optimizer_state(s.engine)
+            restart_schedule(s.scheduler, s.sched_state, step)
+        result.switch_seconds[kind] = rep.seconds
+        log(f"{kind} switch at step {step}: {len(rep.directions)} layers in {rep.seconds:.2f}s "
+            f"(this rank decomposed {len(rep.decomposed)} in {rep.decompose_seconds:.2f}s, "
+            f"cache hits {rep.cache_hits}, plan loads {rep.plan_loads})", all_ranks=True)
+        tracker.log_metrics({f"switch_{kind}_seconds": rep.seconds}, step)
+        tracker.log_directions(rep.directions, kind, step)
+
+
+def finish(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, result: TrainResult) -> TrainResult:
+    """Export the adapter, evaluate when data.test is set, log and write the result."""
+    rank, _ = rank_and_world()
+    run_dir = cfg.run_dir.resolve()
+    result.adapter_dir, adapter_state = export_adapter(s.engine.module, cfg, cfg.method.tsd(), run_dir, tracker)
     if cfg.data.test:
-        result.metrics.update(evaluate_after_training(adapter_state, tokenizer, cfg, run_dir, tracker, result.steps))
+        result.metrics.update(evaluate_after_training(adapter_state, s.tokenizer, cfg, run_dir, tracker, result.steps))
     tracker.log_metrics({"final_loss": result.final_loss}, result.steps)
     tracker.flush()
     result.metrics.update({"final_loss": result.final_loss, **{f"switch_{k}_seconds": v for k, v in result.switch_seconds.items()}})
@@ -427,6 +451,15 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
     if ctx.report is not None:
         ctx.report({**result.metrics, "step": result.steps, "done": 1})
     return result
+
+
+def non_finite(what: str, ckpt_dir: Path) -> NonFiniteLossError:
+    """The error that stops a run on a NaN/inf, naming the checkpoint it can resume from."""
+    last = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else "none"
+    return NonFiniteLossError(
+        f"{what}. The last good checkpoint ({last} in {ckpt_dir}) is kept; lower train.lr or check the data, "
+        f"then rerun the same command to resume from it"
+    )
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
