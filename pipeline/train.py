@@ -17,17 +17,24 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pipeline.config import RunConfig, check_switch_fits
+from pipeline import rank_failure
 from pipeline.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
-from pipeline.distributed import log, rank_and_world
+from pipeline.config import RunConfig, check_switch_fits
+from pipeline.data import collate, load_many, tokenize_example
+from pipeline.distributed import leave_process_group, log, rank_and_world
 from pipeline.evaluate import evaluate_after_training
 from pipeline.faults import Faults
+from pipeline.rank_failure import on_peer_failure
+from pipeline.sharded_switch import sharded_switch
+from pipeline.tracking import RunLogger, end_run, start_run
+from tsd.export import collect_state, save_adapter
 from tsd.inject import inject, tsd_layers
 from tsd.partition import full_shape, is_partitioned
 from tsd.switch import due_switches, switch_kind
@@ -103,6 +110,8 @@ def load_model(cfg: RunConfig, ds_config: dict):
     `HfDeepSpeedConfig` must exist, and stay referenced, while `from_pretrained` runs: it is
     how transformers knows to build the model inside `deepspeed.zero.Init`.
     """
+    # transformers, deepspeed and mlflow are imported where a worker uses them: the CLI's
+    # preflight imports this module too, and needs none of them (seconds of start-up each).
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -176,8 +185,6 @@ def reset_optimizer_state(engine) -> None:
 def build_batches(cfg: RunConfig, tokenizer, rank: int, world: int, epoch: int):
     """This rank's micro-batches for one epoch: a seeded shuffle shared by all ranks, then a
     strided shard, so every rank sees a disjoint part and the order is reproducible."""
-    from pipeline.data import collate
-
     examples = _examples_cache(cfg, tokenizer)
     g = torch.Generator().manual_seed(cfg.train.seed + epoch)
     order = torch.randperm(len(examples), generator=g).tolist()
@@ -194,8 +201,6 @@ _EXAMPLES: dict = {}
 def _examples_cache(cfg: RunConfig, tokenizer):
     key = (tuple(cfg.data.train), cfg.data.limit, cfg.data.cutoff_len, cfg.data.train_on_inputs)
     if key not in _EXAMPLES:
-        from pipeline.data import load_many, tokenize_example
-
         records = load_many(cfg.data.train)
         if cfg.data.limit:
             records = records[: cfg.data.limit]
@@ -227,12 +232,9 @@ def optimizer_steps(cfg: RunConfig, n_examples: int, world: int) -> int:
 def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     import deepspeed
 
-    from pipeline.tracking import RunLogger, end_run, start_run
 
     ctx = ctx or WorkerContext()
     if not dist.is_initialized():
-        from datetime import timedelta
-
         # The backstop for a rank that vanishes without a word (a lost node): its peers' collectives
         # fail after this long. A rank that raises ends the job at once (pipeline.rank_failure).
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
@@ -253,8 +255,6 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
             tags={"method": cfg.method.method, "world_size": str(world), "launcher": ctx.launcher},
             params=cfg.to_dict(),
         )
-        from pipeline.rank_failure import on_peer_failure
-
         # Another rank's failure ends this one from a watcher thread (main_entry): close the run first.
         on_peer_failure(lambda line: end_run(ctx.tracking_uri, run_id, "FAILED"))
     stage = cfg.run_dir.resolve() / "mlflow-stage"  # where logs wait if the tracking server is away
@@ -420,8 +420,6 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
 
 def run_due_switches(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, step: int, result: TrainResult) -> None:
     """The switches due after `step` (sharded over the ranks), and what follows each."""
-    from pipeline.sharded_switch import sharded_switch
-
     tsd_cfg = cfg.method.tsd()
     for kind in due_switches(s.engine.module, tsd_cfg, step):
         rep = sharded_switch(s.engine.module, kind, step, tsd_cfg.svd_dtype, cfg.method.svd_cache, ctx.faults)
@@ -497,8 +495,6 @@ def record_restart(tracker, step: int) -> None:
 def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker) -> tuple[str, dict]:
     """Gather the TSD tensors (every rank), write the PEFT adapter + sidecar (rank 0), log it.
     Returns the folder and every rank's gathered copy of the state (evaluation needs no disk)."""
-    from tsd.export import collect_state, save_adapter
-
     state = collect_state(model)  # a collective under ZeRO-3
     rank, _ = rank_and_world()
     out = run_dir / "adapter"
@@ -514,8 +510,6 @@ def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker) -> tu
 def main_entry(cfg: RunConfig, ctx: WorkerContext) -> TrainResult:
     """Run `train`, turning a user error into a message and a non-zero exit, not a traceback.
     A failure on one rank ends every rank at once (pipeline.rank_failure), not at a timeout."""
-    from pipeline import rank_failure
-
     rank_failure.watch()
     try:
         return train(cfg, ctx)
@@ -532,8 +526,6 @@ def main_entry(cfg: RunConfig, ctx: WorkerContext) -> TrainResult:
     finally:
         rank_failure.stop()
         if os.environ.get("TSD_DESTROY_PG", "1") == "1" and dist.is_initialized() and ctx.launcher != "ray":
-            from pipeline.distributed import leave_process_group
-
             # A barrier first only on a normal end (no exception on its way out): a failed peer
             # would never arrive. The process then ends with pipeline.distributed.end_process.
             leave_process_group(together=sys.exc_info()[1] is None)
