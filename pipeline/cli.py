@@ -19,6 +19,10 @@ import sys
 
 from pipeline.config import ConfigError
 
+# Each command imports the modules it runs, inside its function (deliberately): `tsd --help`,
+# `tsd compare` or `tsd prepare-data` should not pay for importing Ray, the training loop and
+# transformers.
+
 
 def _fail(msg: str) -> int:
     print(f"tsd: error: {msg}", file=sys.stderr)

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.tracking import RunLogger, _client, end_run, mask_secrets, sqlite_path, start_run
+
 METHOD_NAMES = {"lora": "LoRA", "dash": "LoRA-Dash", "init": "LoRA-Init", "tsd": "LoRA-TSD"}
 METHOD_ORDER = list(METHOD_NAMES)
 # The paper's column order for the eight commonsense tasks, and its short headers.
@@ -159,8 +161,6 @@ def run_result(run) -> RunResult | None:
 
 def fetch_runs(tracking_uri: str, experiment: str, statuses: Sequence[str] = ("FINISHED",)) -> list[RunResult]:
     """The experiment's runs with the given statuses, as `RunResult`s (others skipped)."""
-    from pipeline.tracking import _client, mask_secrets, sqlite_path
-
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():  # do not create an empty store just to find nothing
         raise CompareError(f"no MLflow store at {db}; pass --tracking-uri (the `tracking.uri` of the runs)")
@@ -371,8 +371,6 @@ def training_loss_tail(tracking_uri: str, runs: Sequence[RunResult], window: int
     """run_id -> mean of the logged training `loss` over its last `window` steps. With the same
     seed every method sees the same batches, so paired differences of this are a far finer
     signal than accuracy on a few hundred test rows (but it is training loss, not accuracy)."""
-    from pipeline.tracking import _client
-
     client = _client(tracking_uri)
     out = {}
     for run in runs:
@@ -422,8 +420,6 @@ def write_outputs(table: Table, out_dir: str | os.PathLike, digits: int = 1, pai
 def log_outputs(files: Sequence[Path], tracking_uri: str, experiment: str, run_id: str | None = None) -> str:
     """Log the files under `comparison/` to `run_id`, or to a new FINISHED run named
     "comparison" (tagged tsd.kind=comparison, so later comparisons skip it). Returns the run id."""
-    from pipeline.tracking import RunLogger, end_run, start_run
-
     new = run_id is None
     if new:
         run_id = start_run(tracking_uri, experiment, "comparison", tags={COMPARISON_TAG: COMPARISON_VALUE})

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.tracking import mask_secrets, sqlite_path
 from tsd.config import TSDConfig, TSDConfigError
 from tsd.switch import switch_steps
 
@@ -301,8 +302,6 @@ _KNOWN_SCHEMES = ("", "file", "http", "https", "databricks", *_SQL_SCHEMES)
 def _check_tracking_uri(uri: str) -> None:
     from urllib.parse import urlsplit
 
-    from pipeline.tracking import mask_secrets, sqlite_path
-
     shown = mask_secrets(uri)  # never echo a password
     parts = urlsplit(uri)
     scheme = parts.scheme.split("+", 1)[0].lower()
@@ -400,8 +399,6 @@ def _check_store_path(uri: str) -> None:
     """A local MLflow store (sqlite file, file:// folder) can be opened or created."""
     from urllib.parse import urlsplit
     from urllib.request import url2pathname
-
-    from pipeline.tracking import sqlite_path
 
     parts = urlsplit(uri)
     scheme = parts.scheme.split("+", 1)[0].lower()

@@ -15,17 +15,14 @@ import socket
 import time
 from pathlib import Path
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, from_dict
+from pipeline.tracking import end_run, mask_secrets, start_run
+from pipeline.train import WorkerContext, train
 
 
 def _train_fn(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the same loop as every other launcher."""
-    import os as _os
-
-    from pipeline.config import from_dict
-    from pipeline.train import WorkerContext, train
-
-    _os.chdir(loop_config["cwd"])
+    os.chdir(loop_config["cwd"])
     cfg = from_dict(loop_config["config"], "driver")
     tracking_uri = loop_config["tracking_uri"]
     if tracking_uri is not None and not isinstance(tracking_uri, str):  # an object ref: see run()
@@ -46,8 +43,6 @@ def _train_fn(loop_config: dict) -> None:
 
 def _masked_config(cfg: RunConfig) -> dict:
     """The config as a dict with tracking.uri's password masked (workers connect with ctx's URI)."""
-    from pipeline.tracking import mask_secrets
-
     data = cfg.to_dict()
     if data["tracking"]["uri"]:
         data["tracking"]["uri"] = mask_secrets(data["tracking"]["uri"])
@@ -80,8 +75,6 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
     import ray
     from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline.tracking import end_run, mask_secrets, start_run
 
     w = cfg.workers
     run_id = None

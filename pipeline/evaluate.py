@@ -47,7 +47,10 @@ from pipeline.data import (
     response_text,
 )
 from pipeline.config import RunConfig
-from pipeline.distributed import log, rank_and_world
+from pipeline.distributed import leave_process_group, log, rank_and_world
+from pipeline.tracking import DB_FILE, RunLogger, mask_secrets, resolve_tracking_uri
+from tsd.export import SIDECAR, apply_state, load_adapter
+from tsd.partition import is_partitioned
 
 PREDICTION_FIELDS = ("index", "task", "instruction", "answer", "output", "prediction", "correct")
 METRIC_PREFIX = "acc_"
@@ -141,8 +144,6 @@ def _model_device(model) -> torch.device:
 
 
 def _is_partitioned(model) -> bool:
-    from tsd.partition import is_partitioned
-
     return any(is_partitioned(p) for p in model.parameters())
 
 
@@ -317,8 +318,6 @@ def log_results(result: Mapping[str, Any], tracking_uri: str, run_id: str, out_d
                 step: int | None = None, logger=None) -> bool:
     """Log `acc_<task>`/`acc_avg` and the written files (under `eval/`) to an existing MLflow
     run; `out_dir` must hold `write_results`' files. Returns False if MLflow kept something back."""
-    from pipeline.tracking import RunLogger
-
     own = logger is None
     logger = logger or RunLogger(tracking_uri, run_id)
     logger.log_metrics(result["metrics"], step)
@@ -339,8 +338,6 @@ def unpartitioned_copy(cfg: RunConfig, state: dict):
     """
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    from tsd.export import apply_state
 
     unset_hf_deepspeed_config()  # from here on from_pretrained must not partition
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
@@ -424,12 +421,8 @@ def load_model(model_dir: str | os.PathLike | None, adapter_dir: str | os.PathLi
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if adapter is not None:
-        from tsd.export import SIDECAR
-
         if (adapter / SIDECAR).is_file():
-            import tsd
-
-            tsd.load_adapter(model, adapter)
+            load_adapter(model, adapter)
         elif (adapter / "adapter_config.json").is_file():
             from peft import PeftModel
 
@@ -453,8 +446,6 @@ def _recorded_base(adapter: Path) -> str | None:
 # ----------------------------------------------------------------------------- the command
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else the embedded store `tsd train` uses by default (runs/mlflow.db)."""
-    from pipeline.tracking import DB_FILE, resolve_tracking_uri
-
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return resolve_tracking_uri(env, "runs")
@@ -493,8 +484,6 @@ def run_evaluation(
 ) -> dict:
     """`tsd evaluate`: load, evaluate (sharded over ranks when launched by torchrun), write the
     predictions and metrics to `out` and, with `run_id`, log them to that MLflow run (rank 0)."""
-    from pipeline.distributed import leave_process_group
-
     started = _init_distributed_from_env()
     finished = False
     try:
@@ -504,8 +493,6 @@ def run_evaluation(
         tasks = load_tasks(data)
         uri = tracking_uri or default_tracking_uri()
         if run_id:  # before hours of generation, not after (every rank checks: none is left waiting)
-            from pipeline.tracking import RunLogger, mask_secrets
-
             if not RunLogger(uri, run_id).verify():
                 raise ValueError(f"--run-id {run_id}: no such MLflow run at {mask_secrets(uri)} (see the warning above)")
         mdl, tok = load_model(model, adapter, dtype=dtype, device=device)

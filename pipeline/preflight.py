@@ -11,15 +11,18 @@ import os
 import socket
 from pathlib import Path
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, RunConfig, check_paths
+from pipeline.data import extract_answer, load_many, load_records
+from pipeline.evaluate import row_format
+from pipeline.tracking import mask_secrets
+from pipeline.train import deepspeed_config, optimizer_steps
+from tsd.inject import inject
 
 
 def check_tracking_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
     """An `http(s)://` tracking server must answer at start-up: fail fast (a clear error, not
     minutes of MLflow retries and a traceback) unless the run is `tracking.offline`."""
     from urllib.parse import urlsplit
-
-    from pipeline.tracking import mask_secrets
 
     if not uri or not uri.startswith(("http://", "https://")):
         return  # sqlite / file stores are local: nothing to reach
@@ -41,8 +44,6 @@ def _check_model(cfg: RunConfig) -> None:
     and s: checked on the model's config alone, built on the meta device (no weights read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from tsd.inject import inject
 
     path = Path(cfg.model.path)
     if not path.exists():
@@ -66,9 +67,6 @@ def _check_model(cfg: RunConfig) -> None:
 
 def _check_data(cfg: RunConfig) -> int:
     """Training (and test) files parse; test answers can be scored. Returns the training rows used."""
-    from pipeline.data import extract_answer, load_many, load_records
-    from pipeline.evaluate import row_format
-
     n = len(load_many(cfg.data.train))
     if cfg.data.limit:
         n = min(n, cfg.data.limit)
@@ -116,9 +114,6 @@ def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None
     error is one line and exit 2 instead of a worker traceback minutes later: the model folder
     and its targets, the data files, the DeepSpeed config, that the switch fits in training,
     the workers against this machine (local Ray) and the tracking server."""
-    from pipeline.config import check_paths
-    from pipeline.train import deepspeed_config, optimizer_steps
-
     check_paths(cfg)  # every input exists as a file/folder, every output folder can be made
     deepspeed_config(cfg)  # exists, is JSON, is ZeRO-3
     _check_model(cfg)

@@ -14,6 +14,11 @@ import os
 import sys
 
 from pipeline.config import ConfigError, load_config
+from pipeline.distributed import end_process
+from pipeline.paths import resolve_paths
+from pipeline.preflight import preflight
+from pipeline.tracking import resolve_tracking_uri
+from pipeline.train import WorkerContext, main_entry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,12 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pipeline.paths import resolve_paths
-    from pipeline.tracking import resolve_tracking_uri
-    from pipeline.train import WorkerContext, main_entry
-
-    from pipeline.preflight import preflight
-
     cfg = resolve_paths(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:  # the same checks as `tsd train`, before the process group and DeepSpeed start
@@ -53,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipeline.distributed import end_process
-
     # Not sys.exit: DeepSpeed keeps gloo's threads alive into the interpreter's teardown, which
     # can then abort a rank (pipeline.distributed); main_entry's own exits end the same way.
     try:
