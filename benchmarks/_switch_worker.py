@@ -103,9 +103,10 @@ def main() -> None:
     wrap(SS, "partition_key", "partition keys")
     wrap(svd_cache.SVDCache, "put", "cache write")
     wrap(SS, "decompose", "SVD")
-    wrap(SS, "change_rates", "change rates")
+    wrap(tsd.directions, "change_rates", "change rates")  # called by layer_directions
     wrap(SS.dist, "broadcast", "broadcast selections")
-    wrap(SS, "fill", "fill buffers")
+    wrap(tsd.switch.Dash, "fill", "fill buffers")  # the switch kinds install selections
+    wrap(tsd.switch.Init, "fill", "fill buffers")
     breakdown = {}
 
     def timed(cache_dir):
