@@ -26,14 +26,22 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
     position and this rank's RNG state (dropout), so a resumed run continues bit for bit."""
     tag = f"step{step}"
     rank, _ = rank_and_world()
-    # The RNG file goes in before DeepSpeed writes `latest`, so a tag it points at is whole.
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     save_file({"torch": torch.get_rng_state()}, str(ckpt_dir / tag / f"rng_rank{rank}.safetensors"))
+    # DeepSpeed's code writes its `latest` on rank 0 right after rank 0's own files, before its
+    # closing barrier (in 0.18 the ranks happen to be in step by then, but nothing promises it).
+    # Once save_checkpoint returns, every rank's files are complete: only then is `latest`
+    # moved, atomically, to the new tag, so it never names a tag some rank is still writing.
     engine.save_checkpoint(
         str(ckpt_dir),
         tag=tag,
         client_state={"consumed_micro_batches": micro_index, "phase_start": sched_state["phase_start"]},
+        save_latest=False,
     )
+    if rank == 0:
+        pending = ckpt_dir / "latest.tmp"
+        pending.write_text(tag)
+        os.replace(pending, ckpt_dir / "latest")
     log(f"checkpoint {tag} written to {ckpt_dir}")
 
 
