@@ -44,7 +44,7 @@ def main() -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     import tsd
-    from pipeline.sharded_switch import sharded_switch
+    from pipeline.training.sharded_switch import sharded_switch
     from tsd.partition import full_shape, gathered, set_master_copy
 
     cuda = torch.cuda.is_available()
@@ -77,7 +77,7 @@ def main() -> None:
         tsd.directions.decompose(torch.randn(*shp), args.svd_dtype)
 
     # Where the time goes: wrap the switch's parts (as seen from this rank) with timers.
-    import pipeline.sharded_switch as SS
+    import pipeline.training.sharded_switch as SS
     from tsd import svd_cache
 
     parts: dict[str, float] = {}

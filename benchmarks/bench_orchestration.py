@@ -1,8 +1,8 @@
 """Benchmark 4: orchestration overhead of the three launchers on the same short training run.
 
   ray        tsd train CONFIG                                     (Ray Train, embedded Ray)
-  deepspeed  deepspeed --num_gpus 2 --module pipeline.worker CONFIG   (the DeepSpeed launcher)
-  torchrun   torchrun --standalone --nproc_per_node 2 -m pipeline.worker CONFIG
+  deepspeed  deepspeed --num_gpus 2 --module pipeline.launch.worker CONFIG   (the DeepSpeed launcher)
+  torchrun   torchrun --standalone --nproc_per_node 2 -m pipeline.launch.worker CONFIG
 
 Same config, data order, seed and step count for all (2 workers, one CPU thread each, ZeRO-3,
 LoRA-Dash with its switch early). Per run:
@@ -47,10 +47,10 @@ def commands(launcher: str, config: str, sets: list[str], port: int, gpu: bool, 
     if launcher == "ray":
         return [str(BIN / "tsd"), "train", config, *over]
     if launcher == "deepspeed":
-        return [str(BIN / "deepspeed"), "--num_gpus", str(workers), "--master_port", str(port), "--module", "pipeline.worker",
+        return [str(BIN / "deepspeed"), "--num_gpus", str(workers), "--master_port", str(port), "--module", "pipeline.launch.worker",
                 config, *over]
     if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(workers), "-m", "pipeline.worker", config, *over]
+        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(workers), "-m", "pipeline.launch.worker", config, *over]
     raise ValueError(launcher)
 
 
@@ -146,7 +146,7 @@ def main() -> None:
     args.gpu = torch.cuda.is_available()
     work = C.work_dir("tsd-bench-orch-")
     if args.quick:
-        from pipeline.synthetic import make_model_dir
+        from pipeline.data.synthetic import make_model_dir
 
         texts = [json.loads((C.ROOT / "tests/data/tiny_train.json").read_text())[0]["instruction"]]
         mdir = make_model_dir(work / "model", texts=texts, hidden_size=64, intermediate_size=128)

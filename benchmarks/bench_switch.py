@@ -1,6 +1,6 @@
 """Benchmark 2: wall time of the whole LoRA-Dash switch (decompose, rate, select, fill).
 
-The sharded switch (pipeline/sharded_switch.py) on a LLaMA-shaped model with >= 60 target
+The sharded switch (pipeline/training/sharded_switch.py) on a LLaMA-shaped model with >= 60 target
 weights, ZeRO-3 partitioned, under torchrun with 1 and with 2 workers (one torch thread each),
 timed on rank 0 around the sharded_switch call with barriers on both sides; and with an SVD
 cache: cold (a fresh folder: decompose and write) and warm (the same folder again).
@@ -35,7 +35,7 @@ def model_dir(args, work: Path) -> Path:
 
     if args.model == "smollm2":
         return C.SMOLLM2_DIR
-    from pipeline.synthetic import make_model_dir
+    from pipeline.data.synthetic import make_model_dir
 
     widths = C.LLAMA7B if torch.cuda.is_available() else dict(args.widths)
     return make_model_dir(work / "model", num_hidden_layers=args.layers, vocab_size=256, **widths)

@@ -40,7 +40,7 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from pipeline.synthetic import make_model_dir
+    from pipeline.data.synthetic import make_model_dir
 
     depths = [int(x) for x in (args.depths or ("4,8" if args.quick else "10,30")).split(",")]
     repeat = args.repeat or (1 if args.quick else 2)

@@ -3,7 +3,7 @@
 #   launch/deepspeed.sh CONFIG [deepspeed launcher args...]
 # e.g.   NPROC=2 launch/deepspeed.sh configs/demo.yaml             (one machine; CPU works)
 #        HOSTFILE=launch/hostfile.example launch/deepspeed.sh configs/paper/llama3_8b_commonsense.yaml
-# Each rank runs `python -m pipeline.worker CONFIG`; rank 0 creates and logs the MLflow run
+# Each rank runs `python -m pipeline.launch.worker CONFIG`; rank 0 creates and logs the MLflow run
 # (use an `mlflow server` URI, launch/mlflow_server.sh, when ranks live on several nodes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,4 +23,4 @@ else
   ARGS+=(--num_gpus "${NPROC:-2}")
 fi
 ARGS+=(--master_port "${MASTER_PORT:-29512}")
-exec "$DEEPSPEED" "${ARGS[@]}" "$@" --module pipeline.worker "$CONFIG"
+exec "$DEEPSPEED" "${ARGS[@]}" "$@" --module pipeline.launch.worker "$CONFIG"

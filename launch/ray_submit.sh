@@ -19,4 +19,4 @@ exec "$RAY" job submit \
   --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
   --working-dir . \
   --runtime-env-json '{"excludes": [".venv", ".cache", "runs", ".git", "mlartifacts"]}' \
-  -- python -m pipeline.cli train "$CONFIG" "$@"
+  -- python -m pipeline.launch.cli train "$CONFIG" "$@"

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.tracking import mask_secrets, sqlite_path
+from pipeline.tracking.logger import mask_secrets, sqlite_path
 from tsd.config import TSDConfig, TSDConfigError
 from tsd.switch import switch_steps
 

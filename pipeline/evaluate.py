@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from pipeline.data import (
+from pipeline.data.tasks import (
     answer_format,
     answer_format_from_instruction,
     extract_answer,
@@ -47,8 +47,8 @@ from pipeline.data import (
     response_text,
 )
 from pipeline.config import RunConfig
-from pipeline.distributed import leave_process_group, log, rank_and_world
-from pipeline.tracking import DB_FILE, RunLogger, mask_secrets, resolve_tracking_uri
+from pipeline.training.distributed import leave_process_group, log, rank_and_world
+from pipeline.tracking.logger import DB_FILE, RunLogger, mask_secrets, resolve_tracking_uri
 from tsd.export import SIDECAR, apply_state, load_adapter
 from tsd.partition import is_partitioned
 
@@ -510,5 +510,5 @@ def run_evaluation(
         finished = True
         return result
     finally:
-        if started:  # before the interpreter's teardown, which can abort a rank (pipeline.distributed)
+        if started:  # before the interpreter's teardown, which can abort a rank (pipeline.training.distributed)
             leave_process_group(together=finished)

@@ -56,17 +56,17 @@ def tiny_config(model_dir: Path, output_dir: Path, name: str) -> dict:
 
 def make_tiny_model(path: Path) -> Path:
     """A random-init tiny LLaMA whose word tokenizer knows every word of the tiny data's prompts."""
-    from pipeline.data import generate_prompt, load_records
-    from pipeline.synthetic import make_model_dir
+    from pipeline.data.tasks import generate_prompt, load_records
+    from pipeline.data.synthetic import make_model_dir
 
     rows = load_records(TINY_DATA)
     return make_model_dir(path, texts=[generate_prompt(r["instruction"], r.get("input"), r["output"]) for r in rows])
 
 
 def torchrun_worker(cfg: Path, timeout: int = 400, **env) -> subprocess.CompletedProcess:
-    """`python -m pipeline.worker CFG` on 2 CPU ranks under torchrun."""
+    """`python -m pipeline.launch.worker CFG` on 2 CPU ranks under torchrun."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pipeline.worker", str(cfg)]
+           "-m", "pipeline.launch.worker", str(cfg)]
     return run_group(cmd, cwd=ROOT, env=child_env(**env), timeout=timeout)
 
 

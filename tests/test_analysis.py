@@ -1,4 +1,4 @@
-"""Direction analysis (tsd/analysis.py, pipeline/analyze.py) against naive computations."""
+"""Direction analysis (tsd/analysis.py, pipeline/reports/analyze.py) against naive computations."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def test_unswitched_adapter_is_refused(tmp_path):
 
 
 def test_cli_writes_tables_and_plots(tmp_path, capsys):
-    from pipeline import cli
+    from pipeline.launch import cli
 
     a, _ = _adapter(tmp_path, "r4", r=4)
     b, _ = _adapter(tmp_path, "r8", r=8)

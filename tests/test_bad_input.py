@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main
+from pipeline.launch.cli import main
 from proc_group import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ TRAIN = ROOT / "tests/data/tiny_train.json"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from pipeline.synthetic import make_model_dir
+    from pipeline.data.synthetic import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("bad-input") / "model")
 
@@ -317,9 +317,9 @@ def test_shell_rank_too_large_no_traceback_exit_2(tmp_path, base):
 
 
 def test_shell_worker_entry_runs_the_same_preflight(tmp_path, base):
-    """`python -m pipeline.worker` (the torchrun / DeepSpeed launcher entry) checks the same."""
+    """`python -m pipeline.launch.worker` (the torchrun / DeepSpeed launcher entry) checks the same."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.worker", _write(tmp_path, base), "--set", "method.targets=[nope]"],
+    proc = subprocess.run([sys.executable, "-m", "pipeline.launch.worker", _write(tmp_path, base), "--set", "method.targets=[nope]"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     _assert_clear_error(proc.returncode, proc.stderr, "method.targets ['nope']: no module")
     _assert_nothing_complete(tmp_path)
@@ -336,12 +336,12 @@ def _files(root: Path) -> set[Path]:
 def no_training(monkeypatch):
     """A bad input must be refused before Ray starts: reaching the driver's run() fails the test
     at once (instead of training on a NaN learning rate for minutes)."""
-    import pipeline.driver
+    import pipeline.launch.driver
 
     def reached(*args, **kwargs):
         raise AssertionError("the bad input passed the preflight and reached run()")
 
-    monkeypatch.setattr(pipeline.driver, "run", reached)
+    monkeypatch.setattr(pipeline.launch.driver, "run", reached)
 
 
 def _train_nothing_written(tmp_path, cfg, capsys, *sets, text: str | None = None):
@@ -528,7 +528,7 @@ def test_worker_entry_refuses_an_output_dir_that_is_a_file(tmp_path, base):
     base.update(output_dir=str(tmp_path / "a-file"))
     base["tracking"]["uri"] = None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.worker", _write(tmp_path, base)],
+    proc = subprocess.run([sys.executable, "-m", "pipeline.launch.worker", _write(tmp_path, base)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     _assert_clear_error(proc.returncode, proc.stderr, f"output_dir: {tmp_path / 'a-file'} is a file, not a folder")
 

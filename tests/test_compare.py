@@ -9,9 +9,9 @@ import statistics
 
 import pytest
 
-from pipeline import cli
-from pipeline.compare import build_table, compare_experiment, format_text, run_result
-from pipeline.tracking import default_tracking_uri, end_run, start_run, summarize_run
+from pipeline.launch import cli
+from pipeline.reports.compare import build_table, compare_experiment, format_text, run_result
+from pipeline.tracking.logger import default_tracking_uri, end_run, start_run, summarize_run
 
 EXP = "sweep"
 
@@ -79,7 +79,7 @@ def _split_cols(line: str) -> list[str]:
 
 
 def test_numbers_are_the_means_and_sample_stds(store):
-    from pipeline.compare import fetch_runs
+    from pipeline.reports.compare import fetch_runs
 
     table = build_table(fetch_runs(store, EXP), EXP)
     dash = next(r for r in table.rows if r.method == "dash")
@@ -140,7 +140,7 @@ def test_run_result_skips_foreign_runs():
 
 
 def test_paired_with_lora_matches_the_seed_by_seed_differences():
-    from pipeline.compare import RunResult, paired_with_lora
+    from pipeline.reports.compare import RunResult, paired_with_lora
 
     def run(method, r, seed, avg):
         return RunResult(f"{method}{r}{seed}", "", method, r, seed, None, {"t": avg}, avg)

@@ -177,7 +177,7 @@ def test_bad_data_lists_name_the_entry(data, message):
 def test_training_files_are_used_together_in_order(tmp_path):
     import json
 
-    from pipeline.data import load_many
+    from pipeline.data.tasks import load_many
 
     for name, answer in (("a.json", "answer1"), ("b.json", "true")):
         (tmp_path / name).write_text(json.dumps([{"instruction": f"q {name}", "output": answer, "answer": answer}]))

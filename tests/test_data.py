@@ -1,4 +1,4 @@
-"""pipeline.data and the offline parts of pipeline.prepare: harness prompts, answer extraction,
+"""pipeline.data.tasks and the offline parts of pipeline.data.prepare: harness prompts, answer extraction,
 tokenization, loading errors, splits and task building. No network and no big downloads:
 every file is hand-written into tmp_path (a fake package archive stands in for the real one).
 """
@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import torch
 
-from pipeline.data import (
+from pipeline.data.tasks import (
     ANSWER_PATTERNS,
     IGNORE_INDEX,
     TASK_ANSWER_FORMAT,
@@ -29,7 +29,7 @@ from pipeline.data import (
     tokenize_example,
     write_records,
 )
-from pipeline.prepare import (
+from pipeline.data.prepare import (
     EVALS,
     Item,
     _parse_quartz,

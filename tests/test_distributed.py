@@ -1,4 +1,4 @@
-"""A rank's way out (pipeline.distributed): no rank may abort at exit after its work is done.
+"""A rank's way out (pipeline.training.distributed): no rank may abort at exit after its work is done.
 
 The failure this guards against: a gloo worker thread drops its last collective's tensors after
 the interpreter's teardown has begun and the process dies with "terminate called without an
@@ -23,7 +23,7 @@ RUNS = 8
 _RANK = """
 import atexit, sys
 import torch.distributed as dist
-from pipeline.distributed import end_process, gloo_worker_threads, leave_process_group
+from pipeline.training.distributed import end_process, gloo_worker_threads, leave_process_group
 
 atexit.register(print, "atexit handlers ran", flush=True)
 dist.init_process_group("gloo")

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import tsd
-from pipeline import cli
-from pipeline.data import generate_eval_prompt, write_records
+from pipeline.launch import cli
+from pipeline.data.tasks import generate_eval_prompt, write_records
 from pipeline.evaluate import PREDICTION_FIELDS, evaluate_tasks, load_model, score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def _rows(seed: int):
 def setup(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.synthetic import make_model_dir
+    from pipeline.data.synthetic import make_model_dir
 
     root = tmp_path_factory.mktemp("eval")
     siqa, boolq = _rows(0)
@@ -176,7 +176,7 @@ def test_scoring_rules():
 
 def test_mlflow_logging(setup, tmp_path):
     from pipeline.evaluate import run_evaluation
-    from pipeline.tracking import default_tracking_uri, start_run, summarize_run
+    from pipeline.tracking.logger import default_tracking_uri, start_run, summarize_run
 
     uri = default_tracking_uri(tmp_path)
     run_id = start_run(uri, "evals", "r1")
@@ -213,7 +213,7 @@ def test_two_rank_sharded_evaluation_equals_single_process(setup, tmp_path):
     assert cli.main(["evaluate", *common, "--out", str(tmp_path / "single")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pipeline.cli", "evaluate", *common, "--out", str(tmp_path / "two")]  # fmt: skip
+           "-m", "pipeline.launch.cli", "evaluate", *common, "--out", str(tmp_path / "two")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("predictions and metrics:") == 1  # only rank 0 reports
@@ -250,9 +250,9 @@ res = evaluate_tasks(engine.module, tok, load_tasks(data), num_beams=2, max_new_
 if dist.get_rank() == 0:
     with open(out, "w") as f:
         f.write(json.dumps(res["predictions"]))
-# The training entry's way out (main_entry + pipeline.worker): a plain exit here aborted a rank
-# now and then ("terminate called without an active exception", see pipeline.distributed).
-from pipeline.distributed import end_process, leave_process_group
+# The training entry's way out (main_entry + pipeline.launch.worker): a plain exit here aborted a rank
+# now and then ("terminate called without an active exception", see pipeline.training.distributed).
+from pipeline.training.distributed import end_process, leave_process_group
 leave_process_group()
 end_process(0)
 '''

@@ -67,7 +67,7 @@ def ray_run(workdir):
 @pytest.fixture(scope="module")
 def launcher_run(workdir):
     cfg = _config(workdir, "ds-dash")
-    proc = _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29533", "--module", "pipeline.worker", str(cfg)])
+    proc = _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29533", "--module", "pipeline.launch.worker", str(cfg)])
     return {"proc": proc, "dir": workdir / "runs/ds-dash"}
 
 
@@ -80,7 +80,7 @@ def _mlflow_runs(workdir):
 
 
 def test_ray_run_produces_one_complete_mlflow_run(workdir, ray_run):
-    from pipeline.tracking import summarize_run
+    from pipeline.tracking.logger import summarize_run
 
     client, runs = _mlflow_runs(workdir)
     mine = [r for r in runs if r.info.run_name == "ray-dash"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline.sharded_switch import sharded_switch
+from pipeline.training.sharded_switch import sharded_switch
 from tsd import TSDConfig, inject, run_switch, tsd_layers
 from tsd.directions import decompose
 from tsd.plan import plan_loads, shard_plan

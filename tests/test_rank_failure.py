@@ -105,7 +105,7 @@ def _check_bare_launcher(out: str) -> None:
 def test_torchrun_ends_the_job_when_rank_1_fails_in_the_switch(tmp_path, model_dir):
     cfg = _config(tmp_path, model_dir, "torchrun-fail")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pipeline.worker", str(cfg)]
+           "-m", "pipeline.launch.worker", str(cfg)]
     rc, out, seconds = _run_failing_job(cmd)
     _check_common(tmp_path, "torchrun-fail", rc, out)
     _check_bare_launcher(out)
@@ -118,7 +118,7 @@ def test_torchrun_ends_the_job_when_rank_1_fails_in_the_switch(tmp_path, model_d
 def test_deepspeed_launcher_ends_the_job_when_rank_1_fails_in_the_switch(tmp_path, model_dir):
     cfg = _config(tmp_path, model_dir, "deepspeed-fail")
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "pipeline.worker", str(cfg)]
+           "--module", "pipeline.launch.worker", str(cfg)]
     rc, out, seconds = _run_failing_job(cmd)
     _check_common(tmp_path, "deepspeed-fail", rc, out)
     _check_bare_launcher(out)

@@ -207,7 +207,7 @@ def test_unreachable_tracking_server_fails_fast_with_the_uri_masked(workdir):
     cfg["tracking"]["uri"] = f"http://alice:s3cret@127.0.0.1:{port}"
     path = workdir / "no-tracking.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    for argv in ([str(BIN / "tsd"), "train", str(path)], [sys.executable, "-m", "pipeline.worker", str(path)]):
+    for argv in ([str(BIN / "tsd"), "train", str(path)], [sys.executable, "-m", "pipeline.launch.worker", str(path)]):
         t0 = time.monotonic()
         proc = subprocess.run(argv, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2, proc.stderr[-3000:]
@@ -241,7 +241,7 @@ def test_tracking_server_going_away_mid_run_loses_no_metric(workdir):
     path = workdir / "outage.yaml"
     path.write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "pipeline.worker", str(path)]
+           "-m", "pipeline.launch.worker", str(path)]
     log = (workdir / "outage.log").open("w")
     train = subprocess.Popen(cmd, cwd=ROOT, env=_env(TSD_INJECT_STEP_DELAY_S="2"), stdout=log,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -11,7 +11,7 @@ from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchChe
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 
-from pipeline.checkpoint import weights_only_checkpoint_engine
+from pipeline.training.checkpoint import weights_only_checkpoint_engine
 from proc_group import PicklePayload
 
 

@@ -23,8 +23,8 @@ import pytest
 from proc_group import free_port
 import torch
 
-from pipeline import tracking
-from pipeline.tracking import (
+from pipeline.tracking import logger as tracking
+from pipeline.tracking.logger import (
     RunLogger,
     default_tracking_uri,
     end_run,
@@ -150,9 +150,9 @@ def test_train_success_lines_mask_the_password(tmp_path, monkeypatch, capsys):
     here (the slow test below runs a real one); what is printed is the CLI's own code."""
     import yaml
 
-    import pipeline.driver
-    import pipeline.preflight
-    from pipeline.cli import main
+    import pipeline.launch.driver
+    import pipeline.launch.preflight
+    from pipeline.launch.cli import main
 
     uri = f"http://alice:{SECRET}@127.0.0.1:5000"
     seen = {}
@@ -161,8 +161,8 @@ def test_train_success_lines_mask_the_password(tmp_path, monkeypatch, capsys):
         seen["uri"] = tracking_uri  # the connection gets the full URI
         return {"run_id": "r" * 32, "metrics": {"wall_seconds": 1.0, "final_loss": 0.5}}
 
-    monkeypatch.setattr(pipeline.preflight, "preflight", lambda cfg: None)
-    monkeypatch.setattr(pipeline.driver, "run", fake_run)
+    monkeypatch.setattr(pipeline.launch.preflight, "preflight", lambda cfg: None)
+    monkeypatch.setattr(pipeline.launch.driver, "run", fake_run)
     cfg = {"name": "x", "output_dir": str(tmp_path / "runs"), "model": {"path": "m"}, "data": {"train": "d.json"},
            "tracking": {"uri": uri}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -295,7 +295,7 @@ def test_unreachable_server_never_raises_and_keeps_the_buffer(tmp_path, caplog):
     port = free_port()  # nothing listens here
     logger = RunLogger(f"http://127.0.0.1:{port}", "f" * 32, http_max_retries=0, retry_interval_s=3600,
                        staging_dir=tmp_path / "stage")  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking.logger"):
         t0 = time.monotonic()
         logger.log_metrics({"loss": 1.0, "lr": 0.1}, step=0)
         logger.log_metrics({"loss": 0.5}, step=1)  # within retry_interval_s: buffered only
@@ -325,7 +325,7 @@ def test_transient_failure_is_retried_and_bad_params_do_not_block(tmp_path, capl
         return real(*args, **kwargs)
 
     logger._client.log_batch = flaky
-    with caplog.at_level(logging.WARNING, logger="pipeline.tracking"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.tracking.logger"):
         logger.log_metrics({"loss": 3.0}, step=0)  # fails: kept
         assert logger.pending()["metrics"] == 1
         logger.log_metrics({"loss": 2.0}, step=1)  # retried: both sent

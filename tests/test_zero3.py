@@ -35,7 +35,7 @@ def _torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 400) -> s
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from pipeline.synthetic import make_model_dir
+    from pipeline.data.synthetic import make_model_dir
 
     return make_model_dir(tmp_path_factory.mktemp("model") / "tiny", texts=["a b c d e f g h i j k l m n o p"])
 

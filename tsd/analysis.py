@@ -26,7 +26,7 @@ whose spectrum is W's without the LoRA-Init directions, re-indexed; compare thos
 LoRA-Init stores its starting factors, not the singular vectors: B0 = U_I diag(sqrt(s_I)) / c
 and A0 = diag(sqrt(s_I)) V_I^T / c, so U_I and V_I are B0's columns and A0's rows normalised.
 
-Plain torch: no MLflow, no Ray, no plotting (pipeline/analyze.py draws the figures).
+Plain torch: no MLflow, no Ray, no plotting (pipeline/reports/analyze.py draws the figures).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Run by tests/test_reliability.py under torchrun with 2 CPU ranks (gloo).
 
-Saves one checkpoint through pipeline.checkpoint.save_checkpoint with rank 1's writes held
+Saves one checkpoint through pipeline.training.checkpoint.save_checkpoint with rank 1's writes held
 back 1 s, and records on rank 1, just before each of its files is written, what `latest`
 names: it must never name the tag being written (a rank killed then would leave `latest`
 pointing at a tag that is not whole). Writes OUT/seen_rank1.json.
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from pipeline.checkpoint import save_checkpoint, tag_problem, weights_only_checkpoint_engine
+from pipeline.training.checkpoint import save_checkpoint, tag_problem, weights_only_checkpoint_engine
 
 model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
 deepspeed.init_distributed(dist_backend="gloo")

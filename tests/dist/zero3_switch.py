@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 import tsd
-from pipeline.sharded_switch import sharded_switch
+from pipeline.training.sharded_switch import sharded_switch
 from tsd.partition import gathered, set_master_copy
 
 model_dir, out_dir, method = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
@@ -60,7 +60,7 @@ def snapshot(prefix):
     return t
 
 # Count the base weights the switch assembles (the warm cache must assemble none).
-import pipeline.sharded_switch as SS  # noqa: E402
+import pipeline.training.sharded_switch as SS  # noqa: E402
 
 base_weights = {id(layer.base_layer.weight) for _, layer in layers}
 moved = []

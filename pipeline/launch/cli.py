@@ -49,10 +49,10 @@ _POSITIVE, _NON_NEGATIVE = _count(1), _count(0)
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.driver import run
-    from pipeline.preflight import preflight
+    from pipeline.launch.driver import run
+    from pipeline.launch.preflight import preflight
     from pipeline.paths import resolve_paths
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.tracking.logger import resolve_tracking_uri
 
     cfg = resolve_paths(load_config(args.config, args.set))
     preflight(cfg)  # before Ray starts and before anything is written (the default store's folder included)
@@ -77,7 +77,7 @@ def run_lines(run_id: str, experiment: str, uri: str) -> list[str]:
     connection itself used the full URI)."""
     from urllib.parse import urlsplit, urlunsplit
 
-    from pipeline.tracking import mask_secrets
+    from pipeline.tracking.logger import mask_secrets
 
     shown = mask_secrets(uri)
     lines = [f"[tsd] MLflow run {run_id} in experiment '{experiment}' at {shown}"]
@@ -91,7 +91,7 @@ def run_lines(run_id: str, experiment: str, uri: str) -> list[str]:
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
-    from pipeline.prepare import prepare_model
+    from pipeline.data.prepare import prepare_model
 
     path = prepare_model(args.cache)
     print(path)
@@ -99,7 +99,7 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from pipeline.prepare import prepare_data
+    from pipeline.data.prepare import prepare_data
 
     kwargs = {"cache_dir": args.cache, "seed": args.seed}
     if args.test_size is not None:
@@ -132,15 +132,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"logged to MLflow run {args.run_id}")
     if result["settings"]["world_size"] > 1:
         # One rank of a torchrun launch: gloo's threads can outlive the destroyed group and
-        # abort the interpreter's teardown (pipeline.distributed), so end the way that cannot.
-        from pipeline.distributed import end_process
+        # abort the interpreter's teardown (pipeline.training.distributed), so end the way that cannot.
+        from pipeline.training.distributed import end_process
 
         end_process(0)
     return 0
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from pipeline.compare import CompareError, compare_experiment
+    from pipeline.reports.compare import CompareError, compare_experiment
     from pipeline.evaluate import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri()
@@ -160,7 +160,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from pipeline.analyze import analyze_adapters
+    from pipeline.reports.analyze import analyze_adapters
 
     labels = args.labels.split(",") if args.labels else None
     out = analyze_adapters(args.adapters, args.out, kind=args.kind, labels=labels)

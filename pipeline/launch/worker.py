@@ -1,9 +1,9 @@
 """Per-rank entry point for the DeepSpeed launcher and torchrun.
 
-    deepspeed --num_gpus 2 -m pipeline.worker configs/demo.yaml      (CPU: --num_gpus 2 works)
-    torchrun --standalone --nproc_per_node 2 -m pipeline.worker configs/demo.yaml
+    deepspeed --num_gpus 2 -m pipeline.launch.worker configs/demo.yaml      (CPU: --num_gpus 2 works)
+    torchrun --standalone --nproc_per_node 2 -m pipeline.launch.worker configs/demo.yaml
 
-Every rank runs the same `pipeline.train.train` as under Ray. Without --run-id, rank 0 creates
+Every rank runs the same `pipeline.training.loop.train` as under Ray. Without --run-id, rank 0 creates
 the MLflow run itself (only rank 0 ever touches the tracking store).
 """
 
@@ -14,15 +14,15 @@ import os
 import sys
 
 from pipeline.config import ConfigError, load_config
-from pipeline.distributed import end_process
+from pipeline.training.distributed import end_process
 from pipeline.paths import resolve_paths
-from pipeline.preflight import preflight
-from pipeline.tracking import resolve_tracking_uri
-from pipeline.train import WorkerContext, main_entry
+from pipeline.launch.preflight import preflight
+from pipeline.tracking.logger import resolve_tracking_uri
+from pipeline.training.loop import WorkerContext, main_entry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipeline.worker", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.launch.worker", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="YAML run config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--run-id", default=None, help="MLflow run to log into (made by a driver)")
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Not sys.exit: DeepSpeed keeps gloo's threads alive into the interpreter's teardown, which
-    # can then abort a rank (pipeline.distributed); main_entry's own exits end the same way.
+    # can then abort a rank (pipeline.training.distributed); main_entry's own exits end the same way.
     try:
         code = main()
     except SystemExit as e:

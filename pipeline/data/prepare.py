@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from pipeline.data import (
+from pipeline.data.tasks import (
     DataError,
     answer_format,
     answer_format_from_instruction,

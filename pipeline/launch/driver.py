@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import RunConfig, from_dict
-from pipeline.tracking import end_run, mask_secrets, start_run
-from pipeline.train import WorkerContext, train
+from pipeline.tracking.logger import end_run, mask_secrets, start_run
+from pipeline.training.loop import WorkerContext, train
 
 
 def _train_fn(loop_config: dict) -> None:

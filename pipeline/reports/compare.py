@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.tracking import RunLogger, _client, end_run, mask_secrets, sqlite_path, start_run
+from pipeline.tracking.logger import RunLogger, _client, end_run, mask_secrets, sqlite_path, start_run
 
 METHOD_NAMES = {"lora": "LoRA", "dash": "LoRA-Dash", "init": "LoRA-Init", "tsd": "LoRA-TSD"}
 METHOD_ORDER = list(METHOD_NAMES)

@@ -17,8 +17,8 @@ destructor joins the worker threads. Others keep handles on the groups: DeepSpee
 its optimizer, every ZeRO-3 parameter's `ds_process_group`, some reachable from autograd hooks
 that outlive the engine), and even a plain `tsd evaluate` under torchrun ends with the world
 group's threads alive after the destroy (measured: 4 threads per rank after a ZeRO-3 run, 2 after
-`tsd evaluate`). Hence two steps, used by the training entry (`pipeline.train.main_entry`, then
-`pipeline.worker`) and by the evaluation entry (`run_evaluation`, then `cli.cmd_evaluate`):
+`tsd evaluate`). Hence two steps, used by the training entry (`pipeline.training.loop.main_entry`, then
+`pipeline.launch.worker`) and by the evaluation entry (`run_evaluation`, then `cli.cmd_evaluate`):
 
 - `leave_process_group`: the ranks meet at a barrier (so none tears its connections down while a
   peer still sends), then the groups are destroyed, DeepSpeed's handles included.

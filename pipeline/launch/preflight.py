@@ -1,7 +1,7 @@
 """Pre-launch checks: everything a run needs that can be checked before Ray or any worker
 starts (model folder and targets, data files, DeepSpeed config, that the switch fits, the
 workers against this machine, the tracking server), so a user error is one line and exit 2
-instead of a worker traceback minutes later. `tsd train` and `pipeline.worker` both call
+instead of a worker traceback minutes later. `tsd train` and `pipeline.launch.worker` both call
 `preflight`.
 """
 
@@ -12,10 +12,10 @@ import socket
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig, check_paths
-from pipeline.data import extract_answer, load_many, load_records
+from pipeline.data.tasks import extract_answer, load_many, load_records
 from pipeline.evaluate import row_format
-from pipeline.tracking import mask_secrets
-from pipeline.train import deepspeed_config, optimizer_steps
+from pipeline.tracking.logger import mask_secrets
+from pipeline.training.loop import deepspeed_config, optimizer_steps
 from tsd.inject import inject
 
 

@@ -24,16 +24,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline import rank_failure
-from pipeline.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
+from pipeline.training import rank_failure
+from pipeline.training.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
 from pipeline.config import RunConfig, check_switch_fits
-from pipeline.data import collate, load_many, tokenize_example
-from pipeline.distributed import leave_process_group, log, rank_and_world
+from pipeline.data.tasks import collate, load_many, tokenize_example
+from pipeline.training.distributed import leave_process_group, log, rank_and_world
 from pipeline.evaluate import evaluate_after_training
-from pipeline.faults import Faults
-from pipeline.rank_failure import on_peer_failure
-from pipeline.sharded_switch import sharded_switch
-from pipeline.tracking import RunLogger, end_run, start_run
+from pipeline.training.faults import Faults
+from pipeline.training.rank_failure import on_peer_failure
+from pipeline.training.sharded_switch import sharded_switch
+from pipeline.tracking.logger import RunLogger, end_run, start_run
 from tsd.export import collect_state, save_adapter
 from tsd.inject import inject, tsd_layers
 from tsd.partition import full_shape, is_partitioned
@@ -236,7 +236,7 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     ctx = ctx or WorkerContext()
     if not dist.is_initialized():
         # The backstop for a rank that vanishes without a word (a lost node): its peers' collectives
-        # fail after this long. A rank that raises ends the job at once (pipeline.rank_failure).
+        # fail after this long. A rank that raises ends the job at once (pipeline.training.rank_failure).
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    timeout=timedelta(seconds=cfg.workers.collective_timeout_s))
     rank, world = rank_and_world()
@@ -509,7 +509,7 @@ def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker) -> tu
 
 def main_entry(cfg: RunConfig, ctx: WorkerContext) -> TrainResult:
     """Run `train`, turning a user error into a message and a non-zero exit, not a traceback.
-    A failure on one rank ends every rank at once (pipeline.rank_failure), not at a timeout."""
+    A failure on one rank ends every rank at once (pipeline.training.rank_failure), not at a timeout."""
     rank_failure.watch()
     try:
         return train(cfg, ctx)
@@ -527,5 +527,5 @@ def main_entry(cfg: RunConfig, ctx: WorkerContext) -> TrainResult:
         rank_failure.stop()
         if os.environ.get("TSD_DESTROY_PG", "1") == "1" and dist.is_initialized() and ctx.launcher != "ray":
             # A barrier first only on a normal end (no exception on its way out): a failed peer
-            # would never arrive. The process then ends with pipeline.distributed.end_process.
+            # would never arrive. The process then ends with pipeline.training.distributed.end_process.
             leave_process_group(together=sys.exc_info()[1] is None)

@@ -17,7 +17,7 @@ Nothing secret is logged: `mask_secrets` rewrites `scheme://user:pass@host` to
 `scheme://user:***@host` and secret query values, and values under keys that name a secret
 (password, token, secret, api_key, ...) become `***`.
 
-mlflow and matplotlib are imported lazily: `import pipeline.tracking` is cheap, and an offline
+mlflow and matplotlib are imported lazily: `import pipeline.tracking.logger` is cheap, and an offline
 run never pays the ~4 s mlflow import.
 """
 

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.distributed import rank_and_world
-from pipeline.faults import NO_FAULTS, Faults
+from pipeline.training.distributed import rank_and_world
+from pipeline.training.faults import NO_FAULTS, Faults
 from tsd.directions import Decomposition, LayerDirections, decompose, layer_directions
 from tsd.inject import tsd_layers
 from tsd.partition import full_shape, gather_to, local_part

@@ -1,0 +1,1 @@
+"""What people read after runs: the paper-style comparison table and the direction analyses."""
