@@ -528,3 +528,43 @@ def test_cache_root_env(tmp_path, monkeypatch):
     monkeypatch.setenv("TSD_CACHE", str(tmp_path / "c"))
     assert cache_root() == (tmp_path / "c").resolve() and (tmp_path / "c").is_dir()
     assert cache_root(tmp_path / "d") == (tmp_path / "d").resolve()
+
+
+# ----------------------------------------------------------------------------- the training loader
+def _ids_of(loader) -> list[list[int]]:
+    return [b["input_ids"][:, 0].tolist() for b in loader]
+
+
+def test_train_loader_shards_are_disjoint_full_and_reproducible():
+    from pipeline.data.loader import micro_batches_per_epoch, train_loader
+
+    examples = [{"input_ids": [i, 1, 2], "labels": [i, 1, 2]} for i in range(23)]
+    loaders = [train_loader(examples, rank, 2, seed=7, micro_batch_size=3, pad_id=0) for rank in range(2)]
+    for loader in loaders:
+        loader.sampler.start_at(0, 0)
+    batches = [_ids_of(loader) for loader in loaders]
+    assert [len(b) for b in batches] == [micro_batches_per_epoch(23, 2, 3)] * 2 == [3, 3]
+    seen = [i for b in batches for batch in b for i in batch]
+    assert len(seen) == len(set(seen)) == 18  # disjoint; 23 // 2 = 11 each, 3 full batches of 3
+    loaders[0].sampler.start_at(0, 0)
+    assert _ids_of(loaders[0]) == batches[0]
+    loaders[0].sampler.start_at(1, 0)
+    assert _ids_of(loaders[0]) != batches[0]  # a new shuffle every epoch
+
+
+def test_train_loader_resumes_mid_epoch_and_leaves_the_global_rng_alone():
+    import torch
+
+    from pipeline.data.loader import train_loader
+
+    examples = [{"input_ids": [i], "labels": [i]} for i in range(40)]
+    whole = train_loader(examples, 1, 2, seed=3, micro_batch_size=2, pad_id=0)
+    whole.sampler.start_at(2, 0)
+    full_epoch = _ids_of(whole)
+    resumed = train_loader(examples, 1, 2, seed=3, micro_batch_size=2, pad_id=0)
+    resumed.sampler.start_at(2, 4)
+    state = torch.get_rng_state()
+    assert _ids_of(resumed) == full_epoch[4:]
+    assert torch.equal(torch.get_rng_state(), state)  # dropout's stream is the same resumed or not
+    resumed.sampler.start_at(3, 0)  # the skip applies to one epoch only
+    assert len(_ids_of(resumed)) == len(full_epoch)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from pipeline.training import rank_failure
 from pipeline.training.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
 from pipeline.config import RunConfig, check_switch_fits
-from pipeline.data.tasks import collate, load_many, tokenize_example
+from pipeline.data.loader import TokenizedTasks, micro_batches_per_epoch, train_loader
 from pipeline.training.distributed import leave_process_group, log, rank_and_world
 from pipeline.evaluate import evaluate_after_training
 from pipeline.training.faults import Faults
@@ -182,42 +182,12 @@ def reset_optimizer_state(engine) -> None:
 
 
 # ----------------------------------------------------------------------------- data
-def build_batches(cfg: RunConfig, tokenizer, rank: int, world: int, epoch: int):
-    """This rank's micro-batches for one epoch: a seeded shuffle shared by all ranks, then a
-    strided shard, so every rank sees a disjoint part and the order is reproducible."""
-    examples = _examples_cache(cfg, tokenizer)
-    g = torch.Generator().manual_seed(cfg.train.seed + epoch)
-    order = torch.randperm(len(examples), generator=g).tolist()
-    mb = cfg.train.micro_batch_size
-    per_rank = len(order) // world
-    mine = order[rank * per_rank:(rank + 1) * per_rank]
-    for i in range(0, per_rank - mb + 1, mb):
-        yield collate([examples[j] for j in mine[i:i + mb]], tokenizer.pad_token_id)
-
-
-_EXAMPLES: dict = {}
-
-
-def _examples_cache(cfg: RunConfig, tokenizer):
-    key = (tuple(cfg.data.train), cfg.data.limit, cfg.data.cutoff_len, cfg.data.train_on_inputs)
-    if key not in _EXAMPLES:
-        records = load_many(cfg.data.train)
-        if cfg.data.limit:
-            records = records[: cfg.data.limit]
-        _EXAMPLES.clear()
-        _EXAMPLES[key] = [
-            tokenize_example(tokenizer, r, cutoff_len=cfg.data.cutoff_len, train_on_inputs=cfg.data.train_on_inputs)
-            for r in records
-        ]
-    return _EXAMPLES[key]
-
-
 def optimizer_steps(cfg: RunConfig, n_examples: int, world: int) -> int:
     """The run's optimizer steps for `n_examples` over `world` ranks (max_steps, else epochs),
     refusing data too small for one step and a switch that would not happen before the end.
     The driver's preflight and the loop both call it, so they cannot disagree."""
     t = cfg.train
-    per_epoch = (n_examples // world // t.micro_batch_size) // t.grad_accum
+    per_epoch = micro_batches_per_epoch(n_examples, world, t.micro_batch_size) // t.grad_accum
     if per_epoch == 0:
         raise ValueError(
             f"data.train: {n_examples} examples are too few for {world} rank(s) x micro batch "
@@ -281,6 +251,7 @@ class Session:
     optimizer: Any
     scheduler: Any
     tokenizer: Any
+    loader: Any  # DataLoader of this rank's micro-batches (pipeline.data.loader)
     ds_config: dict
     total_steps: int
     sched_state: dict  # {"phase_start": step}: LoRA-Init restarts the schedule (lr_lambda_factory)
@@ -288,7 +259,7 @@ class Session:
     consumed_micro: int = 0  # micro-batches a resumed checkpoint already trained on
 
 
-def setup(cfg: RunConfig, tracker, world: int) -> Session:
+def setup(cfg: RunConfig, tracker, rank: int, world: int) -> Session:
     """Model loaded partitioned, TSD layers injected, optimizer + schedule, DeepSpeed engine;
     then the newest whole checkpoint, if any, and the run's set-up logged to MLflow."""
     import deepspeed
@@ -302,7 +273,9 @@ def setup(cfg: RunConfig, tracker, world: int) -> Session:
     injection = inject(model, cfg.method.tsd())
     log(f"model {cfg.model.path} loaded partitioned over {world} rank(s) in {time.perf_counter() - t0:.1f}s; {injection}")
 
-    total_steps = optimizer_steps(cfg, len(_examples_cache(cfg, tokenizer)), world)
+    dataset = TokenizedTasks(cfg.data, tokenizer)
+    total_steps = optimizer_steps(cfg, len(dataset), world)
+    loader = train_loader(dataset, rank, world, cfg.train.seed, cfg.train.micro_batch_size, tokenizer.pad_token_id)
     sched_state = {"phase_start": 0}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -311,7 +284,7 @@ def setup(cfg: RunConfig, tracker, world: int) -> Session:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)
-    session = Session(engine, optimizer, scheduler, tokenizer, ds_config, total_steps, sched_state, hf_ds)
+    session = Session(engine, optimizer, scheduler, tokenizer, loader, ds_config, total_steps, sched_state, hf_ds)
     resume(session, cfg, tracker, world)
 
     hosts = [socket.gethostname()] * world
@@ -346,20 +319,21 @@ def resume(session: Session, cfg: RunConfig, tracker, world: int) -> None:
 
 
 def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -> TrainResult:
-    s = setup(cfg, tracker, world)
+    s = setup(cfg, tracker, rank, world)
     engine, total_steps, ckpt_dir = s.engine, s.total_steps, cfg.run_dir.resolve() / "checkpoints"
     result = TrainResult()
     accum = cfg.train.grad_accum
     step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
-    micro_index = 0
-    epoch = 0
+    # The data position: micro-batches trained on so far, over all epochs (a resume starts there).
+    micro_index = s.consumed_micro
+    epoch, done_in_epoch = divmod(micro_index, len(s.loader))
     done = engine.global_steps >= total_steps
     engine.train()
     while not done:
-        for batch in build_batches(cfg, s.tokenizer, rank, world, epoch):
+        s.loader.sampler.start_at(epoch, done_in_epoch)
+        done_in_epoch = 0
+        for batch in s.loader:
             micro_index += 1
-            if micro_index <= s.consumed_micro:
-                continue  # resuming: skip what the checkpoint already consumed
             lr_now = s.optimizer.param_groups[0]["lr"]  # the rate this step applies
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
             loss = ctx.faults.loss(out.loss, engine.global_steps + 1)
@@ -409,9 +383,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -
             if step >= total_steps:
                 done = True
                 break
-        epoch += 1
-        if epoch > 10_000:
-            raise RuntimeError("training made no progress over 10000 epochs (empty data shard?)")
+        epoch += 1  # optimizer_steps refused data without a full step per epoch: this ends
 
     result.steps = engine.global_steps
     save_checkpoint(engine, ckpt_dir, result.steps, micro_index, s.sched_state)

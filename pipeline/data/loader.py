@@ -1,0 +1,74 @@
+"""The training data as a `DataLoader`: tokenized once per process, sharded over the ranks by a
+`DistributedSampler`, and able to start part-way through an epoch when a run resumes.
+
+Every rank draws the same seeded shuffle of the whole set for an epoch (seed + epoch) and takes
+every world-th example of it, so the shards are disjoint and the order is reproducible; the tail
+that would give ranks unequal shares is dropped, and so is a last micro-batch that is not full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
+from pipeline.data.tasks import collate, load_many, tokenize_example
+
+
+class TokenizedTasks(Dataset):
+    """The training records of `data.train` (first `data.limit`), tokenized with the harness's
+    prompt. Built once per process: the loader's epochs reuse it."""
+
+    def __init__(self, data: DataConfig, tokenizer):
+        records = load_many(data.train)
+        if data.limit:
+            records = records[: data.limit]
+        self.examples = [tokenize_example(tokenizer, r, cutoff_len=data.cutoff_len,
+                                          train_on_inputs=data.train_on_inputs) for r in records]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+class ResumableSampler(DistributedSampler):
+    """A `DistributedSampler` whose next epoch can begin after the micro-batches a checkpoint
+    already trained on: the skipped examples are never tokenized, collated or run again."""
+
+    def __init__(self, dataset: Dataset, rank: int, world: int, seed: int, micro_batch_size: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.micro_batch_size = micro_batch_size
+        self._skip = 0
+
+    def start_at(self, epoch: int, micro_batches_done: int) -> None:
+        """The next iteration is epoch `epoch`, without its first `micro_batches_done` micro-batches."""
+        self.set_epoch(epoch)
+        self._skip = micro_batches_done * self.micro_batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        order = list(super().__iter__())[self._skip:]
+        self._skip = 0  # only the first epoch after a resume is partial
+        return iter(order)
+
+
+def micro_batches_per_epoch(n_examples: int, world: int, micro_batch_size: int) -> int:
+    """Full micro-batches one rank gets from an epoch (the loader drops partial ones)."""
+    return n_examples // world // micro_batch_size
+
+
+def train_loader(dataset: TokenizedTasks, rank: int, world: int, seed: int, micro_batch_size: int,
+                 pad_id: int) -> DataLoader:
+    """This rank's micro-batches; call `loader.sampler.start_at(epoch, done)` before each epoch."""
+    sampler = ResumableSampler(dataset, rank, world, seed, micro_batch_size)
+    # A generator of its own: each `iter(loader)` draws a seed from it, which would otherwise come
+    # from the global RNG and shift dropout's stream differently in a resumed run.
+    return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, drop_last=True,
+                      collate_fn=partial(collate, pad_id=pad_id), generator=torch.Generator().manual_seed(seed))
