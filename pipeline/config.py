@@ -1,25 +1,32 @@
-"""The typed run config: YAML in, nested dataclasses out, every key checked.
+"""The typed run config: YAML in, frozen pydantic dataclasses out, every key checked.
 
-Unknown keys and wrong types are rejected with the key's dotted path and the file, e.g.
-`configs/x.yaml: train.lr: expected a number, got 'fast'`. Relative paths in the file are
-resolved against the current working directory when the run starts (so the same config works
-locally and under `ray job submit --working-dir .`).
+Unknown keys, wrong types and values out of range are refused with the key's dotted path and
+the file, one line per problem, e.g. `configs/x.yaml: train.lr: expected a number, got 'fast'`.
+Relative paths in the file are resolved against the current working directory when the run
+starts (so the same config works locally and under `ray job submit --working-dir .`).
+
+The sections are pydantic *dataclasses*, not BaseModels, because callers use the dataclass
+protocol: pipeline.paths copies a config with `dataclasses.replace` (which validates the copy).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import yaml
+from pydantic import (AfterValidator, BeforeValidator, ConfigDict, StrictBool, StrictInt, StrictStr, TypeAdapter,
+                      ValidationError, field_validator, model_validator)
+from pydantic.dataclasses import dataclass
 
-from pipeline.tracking.logger import mask_secrets, sqlite_path
+from pipeline.tracking.secrets import mask_secrets
+from pipeline.tracking.store import sqlite_path
 from tsd.config import TSDConfig, TSDConfigError
 from tsd.switch import switch_steps
 
@@ -28,25 +35,72 @@ class ConfigError(ValueError):
     """A run config is invalid; the message names the file, the key path and the problem."""
 
 
-@dataclass
+# ----------------------------------------------------------------------------- setting types
+# Every section: no unknown keys (a typo must not silently become a default) and no NaN or
+# infinity anywhere (`.nan`, `.inf`, `--set x=nan` and `1e999` all parse as floats; no setting
+# means any of them, and a NaN learning rate would only fail later, inside a worker's optimizer).
+_SECTION_RULES = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+# Strict: in a run config, YAML's `yes`, a quoted "8" or 2.0 for a count are typos, not values
+# to coerce (pydantic's lax mode would read them as true, 8 and 2).
+Flag = StrictBool
+Integer = StrictInt
+Text = StrictStr
+
+
+def _not_a_flag(value: Any) -> Any:
+    # A number stays lax, because YAML reads 2e-4 (no dot) as a string; but lax reads `true` as 1.0.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+def _as_list(value: Any) -> Any:
+    # One entry may be written without brackets; `key:` with nothing after it is an empty list.
+    return [] if value is None else [value] if isinstance(value, str) else value
+
+
+def _must_be(rule: str, holds: Callable[[Any], bool]) -> AfterValidator:
+    """Refuses a value for which `holds` is false: `must be <rule>, got <value>`."""
+
+    def check(value: Any) -> Any:
+        if not holds(value):
+            raise ValueError(f"must be {rule}, got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+Number = Annotated[float, BeforeValidator(_not_a_flag)]
+TextList = Annotated[list[Text], BeforeValidator(_as_list)]
+Count = Annotated[Integer, _must_be("> 0", lambda v: v > 0)]
+PositiveNumber = Annotated[Number, _must_be("> 0", lambda v: v > 0)]
+NonNegativeNumber = Annotated[Number, _must_be(">= 0", lambda v: v >= 0)]
+# Optional counts: leaving them out is how to say "none"; 0 would silently mean the same (the
+# loop tests them for truth) or, for the limits, train/evaluate on nothing.
+OptionalCount = Annotated[Integer, _must_be("> 0 or left out", lambda v: v > 0)] | None
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass(config=_SECTION_RULES, frozen=True)
 class ModelConfig:
-    path: str = ""  # a local Hugging Face model folder (no hub on these machines)
-    dtype: str = "float32"  # weights as loaded: float32 | bfloat16 | float16
-    trust_remote_code: bool = False
+    path: Text = ""  # a local Hugging Face model folder (no hub on these machines); required
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
+    trust_remote_code: Flag = False
 
 
-@dataclass
+@dataclass(config=_SECTION_RULES, frozen=True)
 class DataConfig:
     # One or more LLM-Adapters JSON/JSONL files (instruction, input, output, answer), trained on
     # together: the paper's commonsense_170k is the eight tasks' training sets in one file.
-    train: list[str] = field(default_factory=list)
+    train: TextList = field(default_factory=list)
     # Test sets evaluated after training (the paper's protocol), each "task=path" or a path whose
     # task is data.task; the task picks the answer format (e.g. social_i_qa).
-    test: list[str] = field(default_factory=list)
-    task: str | None = None
-    cutoff_len: int = 256
-    train_on_inputs: bool = True  # LLM-Adapters' default: the loss covers the prompt too
-    limit: int | None = None  # use the first N training rows (demos, smoke tests)
+    test: TextList = field(default_factory=list)
+    task: Text | None = None
+    cutoff_len: Count = 256
+    train_on_inputs: Flag = True  # LLM-Adapters' default: the loss covers the prompt too
+    limit: OptionalCount = None  # use the first N training rows (demos, smoke tests)
 
     def test_sets(self) -> dict[str, str]:
         """{task: path} of the test sets, in the order given."""
@@ -68,66 +122,101 @@ class DataConfig:
         return sets
 
 
-@dataclass
-class MethodConfig(TSDConfig):
-    """The method's settings (tsd.TSDConfig, validated there) plus where to cache SVDs."""
+_METHOD_DEFAULTS = TSDConfig()  # the method library writes the defaults; this section reuses them
 
-    svd_cache: str | None = None  # folder for cached decompositions, keyed by the base weights
+
+@dataclass(config=_SECTION_RULES, frozen=True)
+class MethodConfig:
+    """The method's settings, as tsd.TSDConfig documents them, plus where to cache SVDs. Here each
+    gets its type; what the values must satisfy (r > 0, a known method, switch_step >= 1 ...)
+    TSDConfig checks itself when tsd() builds it, which RunConfig does when it is validated."""
+
+    method: Text = _METHOD_DEFAULTS.method  # lora | dash | init | tsd (tsd.config.METHODS)
+    r: Integer = _METHOD_DEFAULTS.r
+    alpha: Number = _METHOD_DEFAULTS.alpha
+    dropout: Number = _METHOD_DEFAULTS.dropout
+    use_rslora: Flag = _METHOD_DEFAULTS.use_rslora
+    targets: TextList = field(default_factory=lambda: list(_METHOD_DEFAULTS.targets))
+    switch_step: Integer = _METHOD_DEFAULTS.switch_step
+    num_directions: Integer = _METHOD_DEFAULTS.num_directions
+    dash_scaled: Flag = _METHOD_DEFAULTS.dash_scaled
+    svd_dtype: Text = _METHOD_DEFAULTS.svd_dtype  # float32 | float64 (tsd.config.SVD_DTYPES)
+    svd_cache: Text | None = None  # folder for cached decompositions, keyed by the base weights
 
     def tsd(self) -> TSDConfig:
-        fields = {f.name for f in dataclasses.fields(TSDConfig)}
-        return TSDConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
+        """The method library's config of these settings (raises TSDConfigError if they are invalid)."""
+        names = {f.name for f in dataclasses.fields(TSDConfig)}
+        return TSDConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
 
 
-@dataclass
+@dataclass(config=_SECTION_RULES, frozen=True)
 class TrainConfig:
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    schedule: str = "linear"  # linear | cosine | constant (after warmup); restarts for LoRA-Init
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    epochs: float = 3.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    grad_clip: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    seed: int = 42
-    log_every: int = 1
-    checkpoint_every: int | None = None  # optimizer steps; None: only at the end
-    eval_max_new_tokens: int = 32
-    eval_num_beams: int = 4
-    eval_limit: int | None = None  # the first N rows of each test set
-    eval_batch_size: int = 1  # rows generated together (left-padded); the paper's harness uses 1
+    lr: PositiveNumber = 2e-4
+    weight_decay: NonNegativeNumber = 0.0
+    warmup_steps: Annotated[Integer, _must_be(">= 0", lambda v: v >= 0)] = 100
+    schedule: Literal["linear", "cosine", "constant"] = "linear"  # after warmup; restarts for LoRA-Init
+    micro_batch_size: Count = 4
+    grad_accum: Count = 1
+    epochs: PositiveNumber = 3.0  # even with max_steps set: a negative epoch count is a typo
+    max_steps: OptionalCount = None  # optimizer steps; overrides epochs when set
+    grad_clip: Annotated[Number, _must_be(">= 0 (0: no clipping)", lambda v: v >= 0)] = 1.0  # DeepSpeed clips when > 0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: Annotated[Integer, _must_be(f"in [0, {2**32 - 1}]", lambda v: 0 <= v < 2**32)] = 42  # numpy's range (random, torch: too)
+    log_every: Count = 1  # the loop logs on step % log_every: 0 would divide by zero
+    checkpoint_every: OptionalCount = None  # optimizer steps; None: only at the end
+    eval_max_new_tokens: Count = 32
+    eval_num_beams: Count = 4
+    eval_limit: OptionalCount = None  # the first N rows of each test set
+    eval_batch_size: Count = 1  # rows generated together (left-padded); the paper's harness uses 1
 
 
-@dataclass
+@dataclass(config=_SECTION_RULES, frozen=True)
 class DeepSpeedConfig:
-    config: str = "configs/deepspeed/zero3.json"
+    config: Text = "configs/deepspeed/zero3.json"
 
 
-@dataclass
+@dataclass(config=_SECTION_RULES, frozen=True)
 class WorkersConfig:
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: int = 1
-    threads_per_worker: int | None = None  # torch threads per worker; default cpus_per_worker
-    address: str | None = None  # Ray cluster address; None: join the job's cluster or start a local one
-    max_failures: int = 0  # Ray Train restarts of the worker group after a worker dies (-1: no limit); each resumes from the last checkpoint
-    collective_timeout_s: int = 1800  # a collective waiting this long for a vanished rank fails (a rank that raises ends the job at once)
+    num_workers: Count = 2
+    use_gpu: Flag = False
+    cpus_per_worker: Count = 1
+    threads_per_worker: OptionalCount = None  # torch threads per worker; default cpus_per_worker
+    address: Text | None = None  # Ray cluster address; None: join the job's cluster or start a local one
+    # Ray Train restarts of the worker group after a worker dies (-1: no limit); each resumes from the last checkpoint
+    max_failures: Annotated[Integer, _must_be(">= 0 (or -1 for no limit)", lambda v: v >= -1)] = 0
+    collective_timeout_s: Count = 1800  # a collective waiting this long for a vanished rank fails (a rank that raises ends the job at once)
 
 
-@dataclass
+@dataclass(config=_SECTION_RULES, frozen=True)
 class TrackingConfig:
-    uri: str | None = None  # None: sqlite:///<output_dir>/../mlflow.db (embedded)
-    experiment: str = "lora-tsd"
-    run_name: str | None = None
-    offline: bool = False  # run without MLflow (metrics only to stdout)
+    uri: Text | None = None  # None: sqlite:///<output_dir>/../mlflow.db (embedded)
+    experiment: Text = "lora-tsd"
+    run_name: Text | None = None
+    offline: Flag = False  # run without MLflow (metrics only to stdout)
+    register_as: Text | None = None  # register the exported adapter in MLflow's model registry under this name
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_named(cls, experiment: str) -> str:
+        if not experiment.strip():
+            raise ValueError("must not be empty (the MLflow experiment to log into)")
+        return experiment
+
+    @field_validator("register_as")
+    @classmethod
+    def _registrable_name(cls, name: str | None) -> str | None:
+        # Refused here, not by MLflow's registry after hours of training.
+        if name is not None and not name.strip():
+            raise ValueError("must not be empty (the registered model's name); leave it out to register nothing")
+        if name is not None and ("/" in name or ":" in name):
+            raise ValueError(f"{name!r}: MLflow's model registry refuses '/' and ':' in a model name")
+        return name
 
 
-@dataclass
+@dataclass(config=_SECTION_RULES, frozen=True)
 class RunConfig:
-    name: str = "run"
-    output_dir: str = "runs"
+    name: Text = "run"
+    output_dir: Text = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -143,165 +232,78 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_folder_name(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("must not be empty (it names the run folder <output_dir>/<name>)")
+        # The run folder is <output_dir>/<name>: a separator or `..` would put it somewhere else.
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"{name!r} must be a plain folder name (no '/', not '..'); set output_dir for the location")
+        return name
 
-_CHOICES = {
-    "model.dtype": ("float32", "bfloat16", "float16"),
-    "train.schedule": ("linear", "cosine", "constant"),
-    "train.precision": ("fp32", "bf16", "fp16"),
+    @model_validator(mode="after")
+    def _check_together(self) -> RunConfig:
+        """What needs more than one setting, or a default that is not a value; runs once every
+        setting has its type and range. Raised here, at the top, so each message names its full key."""
+        try:
+            self.method.tsd()
+        except TSDConfigError as e:  # the method validates itself; name the key's full path
+            raise ConfigError(f"method.{e}") from None
+        if not self.model.path:
+            raise ConfigError("model.path: required (a local Hugging Face model folder)")
+        if not self.data.train:
+            raise ConfigError("data.train: required (an LLM-Adapters JSON file, or a list of them)")
+        self.data.test_sets()  # every test entry names its task
+        if self.tracking.uri and not self.tracking.offline:
+            _check_tracking_uri(self.tracking.uri)
+        return self
+
+
+# ----------------------------------------------------------------------------- pydantic's errors in our words
+_EXPECTED = {  # pydantic's error type -> what the setting expected
+    "int_type": "an integer", "float_type": "a number", "float_parsing": "a number", "bool_type": "true/false",
+    "string_type": "a string", "list_type": "a list", "dataclass_type": "a mapping of settings",
 }
 
 
-def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+def _problem_lines(error: ValidationError) -> list[str]:
+    """One line per problem: `dotted.key: what is wrong`, never pydantic's multi-line report."""
+    lines = []
+    for problem in error.errors():
+        kind, value, loc = problem["type"], problem["input"], problem["loc"]
+        if kind in _EXPECTED:
+            text = f"expected {_EXPECTED[kind]}, got {value!r}"
+        elif kind == "finite_number":
+            text = f"must be a finite number, got {value!r}"
+        elif kind == "literal_error":
+            text = f"{value!r} is not one of {problem['ctx']['expected']}"
+        elif kind in ("unexpected_keyword_argument", "extra_forbidden", "invalid_key"):
+            text = f"unknown key; known keys here: {', '.join(_keys_of(loc[:-1]))}"
+            loc = (*loc[:-1], str(loc[-1]))  # a YAML key may be a number: still a key, not a list index
+        elif kind == "value_error":  # the validators above (and tsd's) wrote the words themselves
+            text = str(problem["ctx"]["error"])
+        else:  # a kind not mapped yet: pydantic's own words, still on one line with the key
+            text = problem["msg"]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        lines.append(f"{where}: {text}" if where else text)
+    return lines
 
 
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _convert(value, args[0], path)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings, got {value!r}")
-        return _build(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # YAML reads 2e-4 (no dot) as a string; accept numeric strings, name anything else.
-            try:
-                number = float(value) if isinstance(value, str) else _fail(path, tp, value)
-            except ValueError:
-                _fail(path, tp, value)
-        else:
-            number = float(value)
-        # `.nan`, `.inf`, `--set x=nan` and `1e999` all parse as floats; no setting means any of
-        # them, and a NaN learning rate only fails later, inside the optimizer on a worker.
-        if not math.isfinite(number):
-            raise ConfigError(f"{path}: must be a finite number, got {value!r}")
-        return number
-    if tp is str:
-        if not isinstance(value, str):
-            _fail(path, tp, value)
-        return value
-    raise ConfigError(f"{path}: unsupported type {tp}")
+def _keys_of(section: tuple) -> list[str]:
+    """The setting names of the section at `section` (a path of field names from RunConfig)."""
+    cls: Any = RunConfig
+    for name in section:
+        cls = cls.__pydantic_fields__[name].annotation
+    return sorted(cls.__pydantic_fields__)
 
 
-def _fail(path: str, tp: Any, value: Any):
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _build(cls: type, data: dict, path: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            where = f"{path}.{key}" if path else str(key)
-            raise ConfigError(f"{where}: unknown key; known keys here: {', '.join(sorted(known))}")
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{path}.{key}" if path else key
-        kwargs[key] = _convert(value, hints[key], where)
-        if where in _CHOICES and kwargs[key] not in _CHOICES[where]:
-            raise ConfigError(f"{where}: {kwargs[key]!r} is not one of {', '.join(_CHOICES[where])}")
-    try:
-        return cls(**kwargs)
-    except TSDConfigError as e:  # the method validates itself; name the key's full path
-        raise ConfigError(f"{path}.{e}" if path else str(e)) from None
-
-
-def _check(cfg: RunConfig) -> None:
-    try:
-        cfg.method.tsd()
-    except TSDConfigError as e:
-        raise ConfigError(f"method.{e}") from None
-    t = cfg.train
-    positive = {
-        "train.micro_batch_size": t.micro_batch_size,
-        "train.grad_accum": t.grad_accum,
-        "workers.num_workers": cfg.workers.num_workers,
-        "workers.cpus_per_worker": cfg.workers.cpus_per_worker,
-        "workers.collective_timeout_s": cfg.workers.collective_timeout_s,
-        "data.cutoff_len": cfg.data.cutoff_len,
-        "train.eval_batch_size": t.eval_batch_size,
-    }
-    positive.update({
-        "train.lr": t.lr,
-        "train.epochs": t.epochs,  # even with max_steps set: a negative epoch count is a typo
-        "train.log_every": t.log_every,  # the loop logs on step % log_every: 0 divides by zero
-        "train.eval_max_new_tokens": t.eval_max_new_tokens,
-        "train.eval_num_beams": t.eval_num_beams,
-    })
-    for key, v in positive.items():
-        if v <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {v}")
-    # Optional counts: leaving them out is how to say "none"; 0 would silently mean the same
-    # (the loop tests them for truth) or, for the limits, train/evaluate on nothing.
-    optional = {
-        "train.max_steps": t.max_steps,
-        "train.checkpoint_every": t.checkpoint_every,
-        "train.eval_limit": t.eval_limit,
-        "data.limit": cfg.data.limit,
-        "workers.threads_per_worker": cfg.workers.threads_per_worker,
-    }
-    for key, v in optional.items():
-        if v is not None and v <= 0:
-            raise ConfigError(f"{key}: must be > 0 or left out, got {v}")
-    for key, v in {"train.warmup_steps": t.warmup_steps, "train.weight_decay": t.weight_decay}.items():
-        if v < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {v}")
-    if t.grad_clip < 0:  # DeepSpeed clips when gradient_clipping > 0
-        raise ConfigError(f"train.grad_clip: must be >= 0 (0: no clipping), got {t.grad_clip}")
-    if not 0 <= t.seed <= 2**32 - 1:  # numpy's seed range; random and torch accept it too
-        raise ConfigError(f"train.seed: must be in [0, {2**32 - 1}], got {t.seed}")
-    if cfg.workers.max_failures < -1:
-        raise ConfigError(f"workers.max_failures: must be >= 0 (or -1 for no limit), got {cfg.workers.max_failures}")
-    _check_names(cfg)
-    if not cfg.model.path:
-        raise ConfigError("model.path: required (a local Hugging Face model folder)")
-    if not cfg.data.train:
-        raise ConfigError("data.train: required (an LLM-Adapters JSON file, or a list of them)")
-    cfg.data.test_sets()  # every test entry names its task
-
-
-def _check_names(cfg: RunConfig) -> None:
-    """The run's name and the tracking settings that need no file system or network."""
-    name = cfg.name
-    if not name.strip():
-        raise ConfigError("name: must not be empty (it names the run folder <output_dir>/<name>)")
-    # The run folder is <output_dir>/<name>: a separator or `..` would put it somewhere else.
-    if "/" in name or "\\" in name or name in (".", ".."):
-        raise ConfigError(f"name: {name!r} must be a plain folder name (no '/', not '..'); set output_dir for the location")
-    if not cfg.tracking.experiment.strip():
-        raise ConfigError("tracking.experiment: must not be empty (the MLflow experiment to log into)")
-    if cfg.tracking.uri and not cfg.tracking.offline:
-        _check_tracking_uri(cfg.tracking.uri)
-
-
+# ----------------------------------------------------------------------------- tracking URI
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's database stores (+driver allowed)
 _KNOWN_SCHEMES = ("", "file", "http", "https", "databricks", *_SQL_SCHEMES)
 
 
 def _check_tracking_uri(uri: str) -> None:
-    from urllib.parse import urlsplit
-
     shown = mask_secrets(uri)  # never echo a password
     parts = urlsplit(uri)
     scheme = parts.scheme.split("+", 1)[0].lower()
@@ -328,6 +330,7 @@ def _check_tracking_uri(uri: str) -> None:
 
 def _mlflow_knows_scheme(uri: str) -> bool:
     """True when an MLflow store plugin handles `uri` (or when MLflow's registry cannot be asked)."""
+    # Deferred: importing MLflow costs seconds, and only an unusual scheme needs it.
     try:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking._tracking_service.utils import _tracking_store_registry
@@ -397,9 +400,6 @@ def check_paths(cfg: RunConfig) -> None:
 
 def _check_store_path(uri: str) -> None:
     """A local MLflow store (sqlite file, file:// folder) can be opened or created."""
-    from urllib.parse import urlsplit
-    from urllib.request import url2pathname
-
     parts = urlsplit(uri)
     scheme = parts.scheme.split("+", 1)[0].lower()
     if parts.scheme.lower() == "sqlite":
@@ -430,13 +430,16 @@ def check_switch_fits(cfg: RunConfig, total_steps: int) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- loading
+_RUN_CONFIG = TypeAdapter(RunConfig)
+
+
 def from_dict(data: dict, source: str = "<config>") -> RunConfig:
+    """A validated RunConfig; every problem becomes one `source: key: problem` line of a ConfigError."""
     try:
-        cfg = _build(RunConfig, data, "")
-        _check(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    return cfg
+        return _RUN_CONFIG.validate_python(data)
+    except ValidationError as e:
+        raise ConfigError("\n".join(f"{source}: {line}" for line in _problem_lines(e))) from None
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:

@@ -48,7 +48,9 @@ from pipeline.data.tasks import (
 )
 from pipeline.config import RunConfig
 from pipeline.training.distributed import leave_process_group, log, rank_and_world
-from pipeline.tracking.logger import DB_FILE, RunLogger, mask_secrets, resolve_tracking_uri
+from pipeline.tracking.logger import RunLogger
+from pipeline.tracking.secrets import mask_secrets
+from pipeline.tracking.store import DB_FILE, resolve_tracking_uri
 from tsd.export import SIDECAR, apply_state, load_adapter
 from tsd.partition import is_partitioned
 

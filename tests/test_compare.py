@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.launch import cli
 from pipeline.reports.compare import build_table, compare_experiment, format_text, run_result
-from pipeline.tracking.logger import default_tracking_uri, end_run, start_run, summarize_run
+from pipeline.tracking.store import default_tracking_uri, end_run, start_run, summarize_run
 
 EXP = "sweep"
 

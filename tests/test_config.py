@@ -1,10 +1,12 @@
 """The typed run config: every shipped config loads; bad keys and values name their path."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import ConfigError, apply_override, check_switch_fits, from_dict, load_config
+from tsd.config import TSDConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MIN = {"model": {"path": "m"}, "data": {"train": "d.json"}}
@@ -42,6 +44,9 @@ def test_values_and_defaults():
         (_with(method={"r": 0}), "method.r: the LoRA rank must be a positive integer"),
         (_with(method={"targets": [1]}), "method.targets[0]: expected a string"),
         (_with(train={"precision": "fp8"}), "train.precision: 'fp8' is not one of"),
+        (_with(train={"schedule": "cosin"}), "train.schedule: 'cosin' is not one of 'linear', 'cosine' or 'constant'"),
+        (_with(model={"dtype": "int4"}), "model.dtype: 'int4' is not one of"),
+        (_with(method={"svd_dtype": "float16"}), "method.svd_dtype: choose one of float32, float64"),
         (_with(workers={"use_gpu": "yes"}), "workers.use_gpu: expected true/false"),
         (_with(method={"switch_step": 0}), "method.switch_step: must be an integer >= 1 for method 'dash'"),
         ({"data": {"train": "d"}}, "model.path: required"),
@@ -71,6 +76,10 @@ def test_values_and_defaults():
         (_with(tracking={"uri": "sqlite://"}), "tracking.uri: 'sqlite://' names no database file"),
         (_with(tracking={"uri": "https://u:pw@:443"}), "tracking.uri: 'https://u:***@:443' names no host"),
         (_with(tracking={"uri": "http://h:70000"}), "tracking.uri: 'http://h:70000': port out of range"),
+        # the model registry's name for the exported adapter: absent, or a name MLflow accepts
+        (_with(tracking={"register_as": " "}), "tracking.register_as: must not be empty"),
+        (_with(tracking={"register_as": "team/adapter"}), "tracking.register_as: 'team/adapter': MLflow's model registry"),
+        (_with(tracking={"register_as": 7}), "tracking.register_as: expected a string, got 7"),
     ],
 )
 def test_bad_values_name_their_key(data, message):
@@ -79,6 +88,46 @@ def test_bad_values_name_their_key(data, message):
     assert str(e.value).startswith("x.yaml: ")
     assert message in str(e.value)
     assert "pw@" not in str(e.value)
+
+
+def test_every_problem_is_one_line_naming_the_file_and_key():
+    """All problems at once (not one per attempt), each on its own line; no pydantic report."""
+    data = _with(train={"lr": "fast", "seed": -1, "warmup": 3}, method={"targets": ["q_proj", 7]})
+    with pytest.raises(ConfigError) as e:
+        from_dict(data, "x.yaml")
+    assert str(e.value).splitlines() == [
+        "x.yaml: method.targets[1]: expected a string, got 7",
+        "x.yaml: train.lr: expected a number, got 'fast'",
+        "x.yaml: train.seed: must be in [0, 4294967295], got -1",
+        "x.yaml: train.warmup: unknown key; known keys here: checkpoint_every, epochs, eval_batch_size, eval_limit, "
+        "eval_max_new_tokens, eval_num_beams, grad_accum, grad_clip, log_every, lr, max_steps, micro_batch_size, "
+        "precision, schedule, seed, warmup_steps, weight_decay",
+    ]
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no pydantic traceback behind it
+
+
+def test_method_section_is_the_method_librarys_config():
+    """MethodConfig types the settings of tsd.TSDConfig, with its defaults, plus svd_cache."""
+    cfg = from_dict(MIN)
+    assert cfg.method.tsd() == TSDConfig()
+    assert {f.name for f in dataclasses.fields(cfg.method)} == {f.name for f in dataclasses.fields(TSDConfig)} | {"svd_cache"}
+
+
+def test_register_as_is_optional():
+    assert from_dict(MIN).tracking.register_as is None
+    assert from_dict(_with(tracking={"register_as": "lora-tsd-adapter"})).tracking.register_as == "lora-tsd-adapter"
+
+
+def test_a_config_is_frozen_and_survives_the_trip_to_the_workers():
+    """The driver sends to_dict() to the workers, which rebuild it with from_dict; paths.resolve_paths
+    copies it with dataclasses.replace, which validates the copy."""
+    cfg = from_dict(_with(method={"method": "tsd"}, tracking={"register_as": "m"}))
+    assert from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
+    assert dataclasses.replace(cfg.train, lr=0.5).lr == 0.5
+    with pytest.raises(ValueError, match="finite"):
+        dataclasses.replace(cfg.train, lr=float("nan"))
 
 
 @pytest.mark.parametrize(

@@ -176,7 +176,7 @@ def test_scoring_rules():
 
 def test_mlflow_logging(setup, tmp_path):
     from pipeline.evaluate import run_evaluation
-    from pipeline.tracking.logger import default_tracking_uri, start_run, summarize_run
+    from pipeline.tracking.store import default_tracking_uri, start_run, summarize_run
 
     uri = default_tracking_uri(tmp_path)
     run_id = start_run(uri, "evals", "r1")

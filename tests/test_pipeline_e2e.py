@@ -80,7 +80,7 @@ def _mlflow_runs(workdir):
 
 
 def test_ray_run_produces_one_complete_mlflow_run(workdir, ray_run):
-    from pipeline.tracking.logger import summarize_run
+    from pipeline.tracking.store import summarize_run
 
     client, runs = _mlflow_runs(workdir)
     mine = [r for r in runs if r.info.run_name == "ray-dash"]

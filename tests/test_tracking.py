@@ -23,16 +23,16 @@ import pytest
 from proc_group import free_port
 import torch
 
-from pipeline.tracking import logger as tracking
-from pipeline.tracking.logger import (
-    RunLogger,
+from pipeline.reports.directions import plot_change_rates, representative_layers
+from pipeline.tracking import store
+from pipeline.tracking.logger import RunLogger
+from pipeline.tracking.registry import RegistryUnavailableError, model_registry_problem, register_adapter
+from pipeline.tracking.secrets import mask_secrets, redact
+from pipeline.tracking.store import (
     default_tracking_uri,
     end_run,
     ensure_experiment,
     flatten_params,
-    mask_secrets,
-    plot_change_rates,
-    redact,
     start_run,
     summarize_run,
 )
@@ -124,7 +124,7 @@ def test_secrets_are_masked_and_params_flattened():
     assert flat["train.targets"] == '["q_proj", "v_proj"]'
     assert flat["model.path"] == "None"
     assert flat["empty"] == "{}"
-    assert len(flat["long"]) == tracking.MAX_PARAM_VALUE_LENGTH
+    assert len(flat["long"]) == store.MAX_PARAM_VALUE_LENGTH
     assert all("s3cret" not in v and "hf_x" not in v for v in flat.values())
     assert redact({"a": {"secret": 1, "u": "http://a:b@c"}, "l": [{"token": "t"}]}) == {
         "a": {"secret": "***", "u": "http://a:***@c"},
@@ -178,11 +178,11 @@ def test_default_uri_is_absolute_sqlite(tmp_path):
     uri = default_tracking_uri(tmp_path / "work")
     assert uri == f"sqlite:///{(tmp_path / 'work').resolve().as_posix()}/mlflow.db"
     assert uri.startswith("sqlite:////")  # sqlite:/// + an absolute path
-    assert tracking.default_artifact_root(uri) == (tmp_path / "work" / "mlartifacts").resolve().as_uri()
-    assert tracking.resolve_tracking_uri(None, tmp_path / "work") == uri
-    assert tracking.resolve_tracking_uri("http://h:5000", tmp_path) == "http://h:5000"
+    assert store.default_artifact_root(uri) == (tmp_path / "work" / "mlartifacts").resolve().as_uri()
+    assert store.resolve_tracking_uri(None, tmp_path / "work") == uri
+    assert store.resolve_tracking_uri("http://h:5000", tmp_path) == "http://h:5000"
     here = Path.cwd().resolve().as_posix()
-    assert tracking.resolve_tracking_uri("sqlite:///rel/m.db", tmp_path) == f"sqlite:///{here}/rel/m.db"
+    assert store.resolve_tracking_uri("sqlite:///rel/m.db", tmp_path) == f"sqlite:///{here}/rel/m.db"
 
 
 def test_plot_change_rates_is_pure_and_valid_png(tmp_path):
@@ -191,7 +191,7 @@ def test_plot_change_rates_is_pure_and_valid_png(tmp_path):
     out = plot_change_rates(dirs + [zero], tmp_path / "plots" / "rates.png", title="t", max_layers=4)
     assert out.read_bytes().startswith(PNG_MAGIC)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["rates.png"]
-    assert tracking._representative(10, 4) == [0, 3, 6, 9]
+    assert representative_layers(10, 4) == [0, 3, 6, 9]
     from PIL import Image
 
     with Image.open(out) as im:
@@ -224,7 +224,7 @@ def test_worker_process_logs_into_the_driver_run(tmp_path):
             proc.join()
     end_run(uri, run_id, "FINISHED")
 
-    client = tracking._client(uri)
+    client = store.client(uri)
     exp_id = ensure_experiment(uri, "tsd-test")  # idempotent: the same experiment
     runs = client.search_runs([exp_id])
     assert [r.info.run_id for r in runs] == [run_id]  # exactly one run: the worker created none
@@ -333,7 +333,7 @@ def test_transient_failure_is_retried_and_bad_params_do_not_block(tmp_path, capl
         logger.log_params({"fixed": 2})  # MLflow params are immutable: rejected, dropped, no raise
         logger.log_metrics({"loss": 1.0}, step=2)
         assert logger.close()
-    history = sorted(tracking._client(uri).get_metric_history(run_id, "loss"), key=lambda m: m.step)
+    history = sorted(store.client(uri).get_metric_history(run_id, "loss"), key=lambda m: m.step)
     assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.0), (2, 1.0)]
     assert summarize_run(uri, run_id)["params"]["fixed"] == "1"
     assert any("rejected params" in r.getMessage() for r in caplog.records)
@@ -342,6 +342,68 @@ def test_transient_failure_is_retried_and_bad_params_do_not_block(tmp_path, capl
 def test_end_run_rejects_unknown_status(tmp_path):
     with pytest.raises(ValueError, match="status must be one of"):
         end_run(default_tracking_uri(tmp_path), "0" * 32, "DONE")
+
+
+# --------------------------------------------------------------------------- model registry
+
+
+def _exported_adapter(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """A tiny base model folder and a real LoRA adapter exported for it (as tests/test_export.py
+    does): (base folder, adapter folder, the adapter's saved tensors)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import tsd
+    from conftest import randomize_lora
+    from pipeline.data.synthetic import make_model_dir
+
+    base = make_model_dir(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    config = tsd.TSDConfig(method="lora", r=4, alpha=8.0, dropout=0.0, targets=["q_proj", "v_proj"], switch_step=5)
+    tsd.inject(model, config)
+    randomize_lora(model, seed=1)  # nonzero A and B: a trained adapter, not the zero-initialised one
+    adapter = tsd.save_adapter(model, tmp_path / "adapter", config, base_model_name_or_path=str(base))
+    return base, adapter, load_file(str(adapter / "adapter_model.safetensors"))
+
+
+def test_registered_adapter_is_a_loadable_model_version(tmp_path, monkeypatch):
+    import mlflow.pyfunc
+    from peft import PeftModel, get_peft_model_state_dict
+
+    base, adapter, saved = _exported_adapter(tmp_path)
+    uri = default_tracking_uri(tmp_path / "store")
+    run_id = start_run(uri, "registry", "tiny")
+    with RunLogger(uri, run_id) as logger:
+        logger.log_artifacts(adapter, "adapter")  # as the training loop logs its export
+    assert register_adapter(uri, run_id, "adapter", "tiny-adapter") == "1"
+    assert register_adapter(uri, run_id, "adapter", "tiny-adapter") == "2"  # a later run: the next version
+    end_run(uri, run_id)
+
+    version = store.client(uri).get_model_version("tiny-adapter", "1")
+    assert version.run_id == run_id and version.tags["base_model"] == str(base)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where `models:/` URIs are looked up
+    loaded = mlflow.pyfunc.load_model("models:/tiny-adapter/1")
+    peft_model = loaded.unwrap_python_model().model
+    assert isinstance(peft_model, PeftModel)
+    weights = get_peft_model_state_dict(peft_model)
+    assert sorted(weights) == sorted(saved) and len(saved) == 8  # 2 layers x (q, v) x (A, B)
+    for key, tensor in saved.items():
+        assert torch.equal(weights[key], tensor), key
+    (text,) = loaded.predict(["the quick brown fox"])
+    assert isinstance(text, str)
+
+
+def test_registering_needs_a_database_store_and_a_logged_adapter(tmp_path):
+    with pytest.raises(RegistryUnavailableError, match=r"tracking\.register_as needs a database-backed MLflow store"):
+        register_adapter(f"file://alice:pw@{tmp_path}/mlruns", "0" * 32, "adapter", "x")
+    assert "alice:***@" in model_registry_problem(f"file://alice:pw@{tmp_path}/mlruns")
+    assert model_registry_problem(str(tmp_path / "mlruns")) is not None  # a bare folder is a file store too
+    uri = default_tracking_uri(tmp_path)
+    assert model_registry_problem(uri) is None and model_registry_problem("http://h:5000") is None
+    run_id = start_run(uri, "registry", "no-adapter")
+    with pytest.raises(FileNotFoundError, match=f"run {run_id} has no PEFT adapter under its artifact path 'adapter'"):
+        register_adapter(uri, run_id, "adapter", "x")
+    assert store.client(uri).search_registered_models() == []  # nothing half-registered
 
 
 # --------------------------------------------------------------------------- tracking server
@@ -474,7 +536,7 @@ def test_a_ray_run_never_shows_the_password(server_with_password, tmp_path_facto
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    client = tracking._client(server_with_password["uri"])
+    client = store.client(server_with_password["uri"])
     (run,) = client.search_runs([client.get_experiment_by_name("masked-ray").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["tracking.uri"] == shown

@@ -52,7 +52,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.launch.driver import run
     from pipeline.launch.preflight import preflight
     from pipeline.paths import resolve_paths
-    from pipeline.tracking.logger import resolve_tracking_uri
+    from pipeline.tracking.store import resolve_tracking_uri
 
     cfg = resolve_paths(load_config(args.config, args.set))
     preflight(cfg)  # before Ray starts and before anything is written (the default store's folder included)
@@ -77,7 +77,7 @@ def run_lines(run_id: str, experiment: str, uri: str) -> list[str]:
     connection itself used the full URI)."""
     from urllib.parse import urlsplit, urlunsplit
 
-    from pipeline.tracking.logger import mask_secrets
+    from pipeline.tracking.secrets import mask_secrets
 
     shown = mask_secrets(uri)
     lines = [f"[tsd] MLflow run {run_id} in experiment '{experiment}' at {shown}"]

@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from pipeline.config import RunConfig, from_dict
-from pipeline.tracking.logger import end_run, mask_secrets, start_run
+from pipeline.tracking.secrets import mask_secrets
+from pipeline.tracking.store import end_run, start_run
 from pipeline.training.loop import WorkerContext, train
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig, check_paths
 from pipeline.data.tasks import extract_answer, load_many, load_records
 from pipeline.evaluate import row_format
-from pipeline.tracking.logger import mask_secrets
+from pipeline.tracking.secrets import mask_secrets
 from pipeline.training.loop import deepspeed_config, optimizer_steps
 from tsd.inject import inject
 

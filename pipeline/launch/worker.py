@@ -17,7 +17,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.training.distributed import end_process
 from pipeline.paths import resolve_paths
 from pipeline.launch.preflight import preflight
-from pipeline.tracking.logger import resolve_tracking_uri
+from pipeline.tracking.store import resolve_tracking_uri
 from pipeline.training.loop import WorkerContext, main_entry
 
 

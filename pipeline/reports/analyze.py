@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.reports.plots import new_figure, save_figure
 from tsd.analysis import (
     MEASURES,
     OverlapReport,
@@ -126,15 +127,6 @@ def write_per_layer_csv(path: Path, report: OverlapReport) -> Path:
 
 
 # ----------------------------------------------------------------------------- plots
-def _figure(w: float, h: float):
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    return Figure(figsize=(w, h), layout="constrained")
-
-
 def _heatmap(ax, mat: torch.Tensor, labels: Sequence[str], title: str, annotate: bool) -> object:
     import numpy as np  # noqa: PLC0415
 
@@ -156,30 +148,26 @@ def _heatmap(ax, mat: torch.Tensor, labels: Sequence[str], title: str, annotate:
 
 def plot_overlap_heatmaps(report: OverlapReport, path: str | os.PathLike) -> Path:
     """One heatmap per measure of the k x k adapter matrices."""
-    path = Path(path)
     k = len(report.labels)
     side = max(3.0, 0.45 * k + 1.8)
-    fig = _figure(side * 2, side * 2)
+    fig = new_figure(side * 2, side * 2)
     axes = fig.subplots(2, 2).reshape(-1)
     im = None
     for ax, m in zip(axes, MEASURES):
         im = _heatmap(ax, report.matrices[m], report.labels, MEASURE_TITLES[m], annotate=k <= 10)
     fig.colorbar(im, ax=list(axes), shrink=0.6)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_cross_layer(sel: Selections, path: str | os.PathLike, measure: str = "index") -> Path:
-    path = Path(path)
     names, mat = cross_layer_overlaps(sel, measure)
     short = [re.sub(r"^(base_model\.model\.)?model\.layers\.", "", n) for n in names]
     side = max(4.0, 0.22 * len(names) + 2)
-    fig = _figure(side + 1, side)
+    fig = new_figure(side + 1, side)
     ax = fig.subplots()
     im = _heatmap(ax, mat, short, f"{sel.label}: {MEASURE_TITLES[measure]} between layers", annotate=len(names) <= 12)
     fig.colorbar(im, ax=ax, shrink=0.7)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- the command

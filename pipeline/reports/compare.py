@@ -30,7 +30,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.tracking.logger import RunLogger, _client, end_run, mask_secrets, sqlite_path, start_run
+from pipeline.reports.plots import new_figure, save_figure
+from pipeline.tracking.logger import RunLogger
+from pipeline.tracking.secrets import mask_secrets
+from pipeline.tracking.store import client, end_run, sqlite_path, start_run
 
 METHOD_NAMES = {"lora": "LoRA", "dash": "LoRA-Dash", "init": "LoRA-Init", "tsd": "LoRA-TSD"}
 METHOD_ORDER = list(METHOD_NAMES)
@@ -164,10 +167,10 @@ def fetch_runs(tracking_uri: str, experiment: str, statuses: Sequence[str] = ("F
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():  # do not create an empty store just to find nothing
         raise CompareError(f"no MLflow store at {db}; pass --tracking-uri (the `tracking.uri` of the runs)")
-    client = _client(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
+    mlflow_client = client(tracking_uri)
+    exp = mlflow_client.get_experiment_by_name(experiment)
     if exp is None:
-        names = sorted(e.name for e in client.search_experiments())
+        names = sorted(e.name for e in mlflow_client.search_experiments())
         raise CompareError(
             f"no experiment named {experiment!r} at {mask_secrets(tracking_uri)}; "
             f"experiments there: {', '.join(names) or 'none'}"
@@ -176,7 +179,7 @@ def fetch_runs(tracking_uri: str, experiment: str, statuses: Sequence[str] = ("F
     status_filter = f"attributes.status = '{statuses[0]}'" if len(statuses) == 1 else ""
     out, token = [], None
     while True:
-        page = client.search_runs([exp.experiment_id], filter_string=status_filter, max_results=1000, page_token=token)
+        page = mlflow_client.search_runs([exp.experiment_id], filter_string=status_filter, max_results=1000, page_token=token)
         for run in page:
             if run.info.status in statuses:
                 res = run_result(run)
@@ -286,26 +289,18 @@ def _num(v: float | None) -> str:
 # ----------------------------------------------------------------------------- the plot
 def plot_table(table: Table, path: str | os.PathLike, title: str | None = None) -> Path:
     """Grouped bars: one group per task (and Avg.), one bar per (method, r), std error bars."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = table.tasks + ["avg"]
     labels = [task_label(t) for t in table.tasks] + ["Avg."]
     n_rows = max(1, len(table.rows))
-    fig = Figure(figsize=(max(6.0, 1.1 * len(cols) * max(1, n_rows) ** 0.5 + 2), 4.2), layout="constrained")
+    fig = new_figure(max(6.0, 1.1 * len(cols) * max(1, n_rows) ** 0.5 + 2), 4.2)
     ax = fig.subplots()
     width = 0.8 / n_rows
-    cmap = matplotlib.colormaps["tab10"]
     for k, row in enumerate(table.rows):
         xs = [i - 0.4 + width * (k + 0.5) for i in range(len(cols))]
         means = [row.cells[c].mean if row.cells[c].mean is not None else math.nan for c in cols]
         errs = [row.cells[c].std or 0.0 for c in cols]
         name = f"{method_label(row.method)} r={row.r}" + (f" (n={row.n})" if row.n > 1 else "")
-        ax.bar(xs, means, width, yerr=errs, capsize=2, label=name, color=cmap(k % 10))
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=name, color=f"C{k % 10}")  # the tab10 cycle
     ax.set_xticks(range(len(cols)), labels, fontsize=8)
     ax.set_ylabel("accuracy (%)")
     ax.grid(True, axis="y", alpha=0.3)
@@ -314,8 +309,7 @@ def plot_table(table: Table, path: str | os.PathLike, title: str | None = None) 
     else:
         fig.legend(fontsize=7, loc="outside right upper")
     ax.set_title(title or f"experiment {table.experiment}", fontsize=10)
-    fig.savefig(path, dpi=110)
-    return path
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -371,10 +365,10 @@ def training_loss_tail(tracking_uri: str, runs: Sequence[RunResult], window: int
     """run_id -> mean of the logged training `loss` over its last `window` steps. With the same
     seed every method sees the same batches, so paired differences of this are a far finer
     signal than accuracy on a few hundred test rows (but it is training loss, not accuracy)."""
-    client = _client(tracking_uri)
+    mlflow_client = client(tracking_uri)
     out = {}
     for run in runs:
-        history = sorted(client.get_metric_history(run.run_id, "loss"), key=lambda m: m.step)
+        history = sorted(mlflow_client.get_metric_history(run.run_id, "loss"), key=lambda m: m.step)
         if history:
             out[run.run_id] = statistics.fmean(m.value for m in history[-window:])
     return out

@@ -1,1 +1,1 @@
-"""MLflow: the run's store and helpers, secret masking, and the logger rank 0 writes through."""
+"""MLflow: the store and its runs (store), secret masking (secrets), the logger rank 0 writes through (logger), the model registry (registry)."""

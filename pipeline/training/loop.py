@@ -33,7 +33,8 @@ from pipeline.evaluate import evaluate_after_training
 from pipeline.training.faults import Faults
 from pipeline.training.rank_failure import on_peer_failure
 from pipeline.training.sharded_switch import sharded_switch
-from pipeline.tracking.logger import RunLogger, end_run, start_run
+from pipeline.tracking.logger import RunLogger
+from pipeline.tracking.store import end_run, start_run
 from tsd.export import collect_state, save_adapter
 from tsd.inject import inject, tsd_layers
 from tsd.partition import full_shape, is_partitioned

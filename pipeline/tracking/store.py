@@ -1,0 +1,299 @@
+"""The MLflow store and its runs: where the store is, the experiment, creating and ending a run.
+
+Who does what:
+- the driver (one process, before any worker starts) calls `ensure_experiment` and `start_run`.
+  Creating a NEW sqlite store from two processes at once crashes MLflow (`duplicate column
+  name: step`), so the store is always created here, once;
+- rank 0 of the workers attaches to that run with `pipeline.tracking.logger.RunLogger`;
+- the driver closes the run with `end_run`.
+
+Also the rules every value sent to MLflow follows (`flatten_params`, `clean_tags`,
+`sanitize_key`): MLflow's length limits, its key alphabet, and secrets masked.
+
+mlflow is imported lazily, inside the functions that talk to a store: `import
+pipeline.tracking.store` must stay cheap for the commands and offline runs that never track
+(the mlflow import alone takes ~4 s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.tracking.secrets import MASK, is_secret_key, mask_secrets
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+# MLflow's own limits (mlflow/utils/validation.py, 3.x): longer values are rejected or cut.
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_KEY_LENGTH = 250
+MAX_PARAMS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+
+TRUNCATION_MARK = "...[truncated]"
+DB_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED", "RUNNING", "SCHEDULED")
+
+
+# --------------------------------------------------------------------------- values MLflow accepts
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - len(TRUNCATION_MARK)] + TRUNCATION_MARK
+
+
+def sanitize_key(key: str) -> str:
+    """A key MLflow accepts: alphanumerics, `_ - . / : space`; no `..`, no leading `/`."""
+    key = re.sub(r"[^\w.\- :/]", "_", str(key))
+    key = re.sub(r"/{2,}", "/", key).strip("/") or "_"
+    key = key.replace("..", "__")
+    return key[:MAX_KEY_LENGTH]
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        value = json.dumps(list(value), default=str)
+    elif isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return str(value)
+
+
+def flatten_params(params: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts (or dataclasses) -> {"a.b.c": "value"}, secrets masked, values truncated.
+
+    Lists become JSON; None becomes "None"; an empty dict is kept as "{}" so the key shows up.
+    """
+    if dataclasses.is_dataclass(params) and not isinstance(params, type):
+        params = dataclasses.asdict(params)
+    out: dict[str, str] = {}
+    for k, v in (params or {}).items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = dataclasses.asdict(v)
+        if isinstance(v, Mapping) and v:
+            out.update(flatten_params(v, key))
+            continue
+        if isinstance(v, Mapping):
+            text = "{}"
+        elif is_secret_key(key) and v not in (None, ""):
+            text = MASK
+        else:
+            text = mask_secrets(_param_value(v))
+        out[sanitize_key(key)] = _truncate(text, MAX_PARAM_VALUE_LENGTH)
+    return out
+
+
+def _tag_value(value: Any) -> str:
+    if isinstance(value, (list, tuple, set)):
+        value = ",".join(str(v) for v in value)
+    return _truncate(mask_secrets(value), MAX_TAG_VALUE_LENGTH)
+
+
+def clean_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
+    """Tags as MLflow takes them: keys sanitized, values stringified (lists comma-joined), secrets masked."""
+    return {
+        sanitize_key(k): (MASK if is_secret_key(k) and v not in (None, "") else _tag_value(v))
+        for k, v in (tags or {}).items()
+    }
+
+
+# --------------------------------------------------------------------------- where the store is
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    """An explicit `MlflowClient` for `tracking_uri` (never the fluent API's global state)."""
+    import mlflow  # noqa: PLC0415 (lazy: ~4 s import, see the module docstring)
+
+    path = sqlite_path(tracking_uri)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)  # sqlite will not create folders
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI (absolute: four slashes), else None."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    rest = tracking_uri[len("sqlite:///") :].split("?", 1)[0]
+    return Path(rest).resolve() if rest and rest != ":memory:" else None
+
+
+def default_tracking_uri(workdir: str | os.PathLike) -> str:
+    """The embedded store: `sqlite:////<abs workdir>/mlflow.db` (the folder is created)."""
+    root = Path(workdir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return "sqlite:///" + (root / DB_FILE).as_posix()
+
+
+def resolve_tracking_uri(uri: str | None, workdir: str | os.PathLike) -> str:
+    """The URI the driver hands to workers: `uri`, or the embedded default in `workdir`.
+
+    A relative sqlite path (`sqlite:///mlflow.db`) is made absolute HERE, in the driver: Ray
+    workers run in another folder (the job's working-dir copy), where the same relative URI
+    would silently open a second, empty store.
+    """
+    if not uri:
+        return default_tracking_uri(workdir)
+    path = sqlite_path(uri)
+    if path is not None:
+        query = uri.split("?", 1)[1] if "?" in uri else ""
+        return "sqlite:///" + path.as_posix() + (f"?{query}" if query else "")
+    return uri
+
+
+def default_artifact_root(tracking_uri: str) -> str | None:
+    """`file://<db folder>/mlartifacts` next to a sqlite store; None (MLflow decides) otherwise.
+
+    Without it MLflow would put a sqlite store's artifacts under `./mlruns` of whatever folder
+    the process happened to start in.
+    """
+    path = sqlite_path(tracking_uri)
+    return (path.parent / ARTIFACTS_DIR).as_uri() if path is not None else None
+
+
+def _artifact_uri(root: str) -> str:
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", root) and not re.match(r"^[A-Za-z]:[\\/]", root):
+        return root.rstrip("/")
+    return Path(root).expanduser().resolve().as_uri()  # a bare local path
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "experiment"
+
+
+# --------------------------------------------------------------------------- experiments and runs
+
+
+def ensure_experiment(tracking_uri: str, experiment_name: str, artifact_root: str | None = None) -> str:
+    """The id of `experiment_name`, created (with the store itself) when missing.
+
+    Call it from ONE process (the driver) before workers start. New experiments put artifacts
+    under `<artifact_root>/<experiment name>`; the root defaults to `mlartifacts` next to a
+    sqlite store, and to the server's own choice for an `http(s)://` tracking server.
+    """
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 (lazy, as `client`)
+
+    mlflow_client = client(tracking_uri)
+    found = mlflow_client.get_experiment_by_name(experiment_name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            raise RuntimeError(
+                f"MLflow experiment {experiment_name!r} (id {found.experiment_id}) at {mask_secrets(tracking_uri)} "
+                f"is deleted; restore it (`mlflow experiments restore --experiment-id {found.experiment_id}`) "
+                f"or set tracking.experiment to another name"
+            )
+        return found.experiment_id
+    root = artifact_root if artifact_root is not None else default_artifact_root(tracking_uri)
+    location = f"{_artifact_uri(root)}/{_slug(experiment_name)}" if root else None
+    try:
+        return mlflow_client.create_experiment(experiment_name, artifact_location=location)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow_client.get_experiment_by_name(experiment_name).experiment_id  # lost a race: fine
+
+
+def _context_tags() -> dict[str, str]:
+    """MLflow's usual source tags (user, entry point, git commit), as the fluent API sets them."""
+    try:
+        from mlflow.tracking.context.registry import resolve_tags  # noqa: PLC0415 (lazy, as `client`)
+
+        return {k: _tag_value(v) for k, v in resolve_tags().items()}
+    except Exception as e:  # context detection is a nicety; never a reason to fail a run
+        log.debug("could not resolve MLflow context tags: %s", e)
+        return {}
+
+
+def start_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | Any | None = None,
+) -> str:
+    """Create the run (driver side, before workers start) and log its params; returns run_id.
+
+    `experiment` is a name (created when missing). `params` may be nested (a config dict or
+    dataclass): keys are flattened to dotted paths, values truncated to MLflow's limit, and
+    secrets masked. `tags` (method, world_size, hosts, ...) are stringified and masked.
+    """
+    from mlflow.entities import Param  # noqa: PLC0415 (lazy, as `client`)
+
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    mlflow_client = client(tracking_uri)
+    all_tags = {**_context_tags(), **clean_tags(tags)}
+    run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    run_id = run.info.run_id
+    try:
+        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            mlflow_client.log_batch(run_id, params=items[i : i + MAX_PARAMS_PER_BATCH])
+    except Exception:
+        mlflow_client.set_terminated(run_id, "FAILED")
+        raise
+    return run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the run terminated with `status` (FINISHED, FAILED or KILLED)."""
+    status = status.upper()
+    if status not in RUN_STATUSES:
+        raise ValueError(f"end_run: status must be one of {RUN_STATUSES}, got {status!r}")
+    mlflow_client = client(tracking_uri)
+    if mask_secrets(tracking_uri) == tracking_uri:
+        mlflow_client.set_terminated(run_id, status)
+        return
+    # For an http(s) store MLflow prints "View run ... at: <tracking URI>/#/..." to stdout,
+    # password included; the driver and the CLI print the run (masked) themselves.
+    with _env("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"):
+        mlflow_client.set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def list_artifacts(mlflow_client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    """Every artifact file of a run, recursively, as run-relative paths."""
+    out: list[str] = []
+    for info in mlflow_client.list_artifacts(run_id, path):
+        out.extend(list_artifacts(mlflow_client, run_id, info.path) if info.is_dir else [info.path])
+    return sorted(out)
+
+
+def summarize_run(tracking_uri: str, run_id: str) -> dict:
+    """Status, params, tags, latest metrics and the artifact file list of one run."""
+    mlflow_client = client(tracking_uri)
+    run = mlflow_client.get_run(run_id)
+    return {
+        "run_id": run_id,
+        "run_name": run.info.run_name,
+        "experiment_id": run.info.experiment_id,
+        "status": run.info.status,
+        "artifact_uri": run.info.artifact_uri,
+        "params": dict(run.data.params),
+        "tags": dict(run.data.tags),
+        "metrics": dict(run.data.metrics),
+        "artifacts": list_artifacts(mlflow_client, run_id),
+    }
