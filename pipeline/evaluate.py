@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from pipeline.data.tasks import (
     answer_format,
@@ -47,7 +48,8 @@ from pipeline.data.tasks import (
     response_text,
 )
 from pipeline.config import RunConfig
-from pipeline.training.distributed import leave_process_group, log, rank_and_world
+from pipeline.logs import log
+from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.tracking.logger import DB_FILE, RunLogger, mask_secrets, resolve_tracking_uri
 from tsd.export import SIDECAR, apply_state, load_adapter
 from tsd.partition import is_partitioned
@@ -216,7 +218,8 @@ def evaluate_tasks(
             if synced:  # equal call counts on every rank: pad with dummy calls
                 most = math.ceil(math.ceil(len(records) / world) / batch_size)
                 batches += [None] * (most - len(batches))
-            bar = _progress(len(mine), f"eval {task}", enabled=progress and rank == 0)
+            bar = tqdm(total=len(mine), desc=f"eval {task}", unit="row", file=sys.stderr, dynamic_ncols=True,
+                       mininterval=2.0, disable=not (progress and rank == 0))
             rows = []
             for batch in batches:
                 idx = batch if batch is not None else [0]
@@ -245,7 +248,7 @@ def evaluate_tasks(
     result["seconds"] = time.perf_counter() - t0
     if progress and rank == 0:
         for line in result_lines(result):
-            print(f"[tsd eval] {line}", file=sys.stderr, flush=True)
+            log(line)
     return result
 
 
@@ -266,20 +269,6 @@ def _gather(local: dict[str, list[dict]], world: int) -> dict[str, list[dict]]:
     return merged
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
 
 
 def result_lines(result: Mapping[str, Any]) -> list[str]:
@@ -505,7 +494,7 @@ def run_evaluation(
             write_results(result, out_dir)
             if run_id:
                 if not log_results(result, uri, run_id, out_dir, step=step):
-                    print(f"[tsd eval] warning: not everything reached MLflow run {run_id}", file=sys.stderr)
+                    log(f"warning: not everything reached MLflow run {run_id}")
                 result["logged_to"] = {"tracking_uri": uri, "run_id": run_id}
         finished = True
         return result

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from pipeline.logs import log
 from pipeline.data.tasks import (
     DataError,
     answer_format,
@@ -52,10 +53,6 @@ _COMPLETE = ".complete"
 # itself fetched from PyPI into the cache and run from its wheel, still downloads it.
 _FALLBACK_PIP = "pip==25.0.1"
 _DIRECT_URL_REFUSAL = "cannot declare direct URL dependencies"
-
-
-def log(msg: str) -> None:
-    print(f"[prepare] {msg}", flush=True)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:

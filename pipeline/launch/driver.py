@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import RunConfig, from_dict
+from pipeline.logs import log
 from pipeline.tracking.logger import end_run, mask_secrets, start_run
 from pipeline.training.loop import WorkerContext, train
 
@@ -56,7 +57,10 @@ def _connect(cfg: RunConfig) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.workers.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}}
+    # Ray Train turns a worker's print() into a log record on a console handler of its own, and
+    # the worker's stderr reaches the driver too: every printed line would show twice.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}}
     if not env["env_vars"]["DS_ACCELERATOR"]:
         del env["env_vars"]["DS_ACCELERATOR"]
     if address:
@@ -91,11 +95,10 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
             },
             params=cfg.to_dict(),
         )
-        print(f"[tsd driver] MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {mask_secrets(tracking_uri)}",
-              flush=True)
+        log(f"MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {mask_secrets(tracking_uri)}")
     if w.max_failures and not cfg.train.checkpoint_every:
-        print("[tsd driver] warning: workers.max_failures is set but train.checkpoint_every is not: a restarted "
-              "worker group starts again from step 0", flush=True)
+        log("warning: workers.max_failures is set but train.checkpoint_every is not: a restarted "
+            "worker group starts again from step 0")
     started_here = _connect(cfg)
     status = "FAILED"
     t0 = time.perf_counter()

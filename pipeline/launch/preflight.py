@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig, check_paths
 from pipeline.data.tasks import extract_answer, load_many, load_records
 from pipeline.evaluate import row_format
+from pipeline.logs import log
 from pipeline.tracking.logger import mask_secrets
 from pipeline.training.loop import deepspeed_config, optimizer_steps
 from tsd.inject import inject
@@ -104,9 +105,9 @@ def _check_resources(cfg: RunConfig) -> None:
         # Measured (docs/BENCHMARKS.md, benchmark 4): Ray's own processes take ~0.1 core in
         # steady state; with no core left for them, CPU workers run ~7% slower than under a
         # bare launcher, and as fast with one core spare.
-        print(f"[tsd driver] note: the workers take all {cpus} CPUs of this machine, so Ray's own processes "
+        log(f"note: the workers take all {cpus} CPUs of this machine, so Ray's own processes "
               "(~0.1 CPU in steady state) share their cores (2 workers on 2 CPUs: 7% fewer tokens/s than a bare "
-              "launcher). One CPU left free avoids it.", flush=True)
+              "launcher). One CPU left free avoids it.")
 
 
 def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None = None, ray: bool = True) -> None:

@@ -28,7 +28,8 @@ from pipeline.training import rank_failure
 from pipeline.training.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
 from pipeline.config import RunConfig, check_switch_fits
 from pipeline.data.loader import TokenizedTasks, micro_batches_per_epoch, train_loader
-from pipeline.training.distributed import leave_process_group, log, rank_and_world
+from pipeline.logs import log, setup_logging
+from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.evaluate import evaluate_after_training
 from pipeline.training.faults import Faults
 from pipeline.training.rank_failure import on_peer_failure
@@ -200,8 +201,10 @@ def optimizer_steps(cfg: RunConfig, n_examples: int, world: int) -> int:
 
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
+    setup_logging()  # first: dependency warnings are filtered before anything can raise them
+    # Deferred: importing deepspeed takes seconds and probes the accelerator; the preflight and
+    # the driver import this module without training.
     import deepspeed
-
 
     ctx = ctx or WorkerContext()
     if not dist.is_initialized():
