@@ -213,28 +213,8 @@ def evaluate_tasks(
                 raise ValueError(f"task {task!r}: no records to evaluate")
             for r in records[:1]:
                 row_format(task, r)  # fail before generating if the task cannot be scored
-            mine = list(range(rank, len(records), world))
-            batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-            if synced:  # equal call counts on every rank: pad with dummy calls
-                most = math.ceil(math.ceil(len(records) / world) / batch_size)
-                batches += [None] * (most - len(batches))
-            bar = tqdm(total=len(mine), desc=f"eval {task}", unit="row", file=sys.stderr, dynamic_ncols=True,
-                       mininterval=2.0, disable=not (progress and rank == 0))
-            rows = []
-            for batch in batches:
-                idx = batch if batch is not None else [0]
-                prompts = [
-                    generate_eval_prompt(records[i]["instruction"], records[i].get("input") if use_input else None)
-                    for i in idx
-                ]
-                outputs = generate_outputs(model, tokenizer, prompts, gen_config, synced=synced)
-                if batch is None:
-                    continue  # a padding call under ZeRO-3: keeps the collectives in step
-                for i, out in zip(idx, outputs):
-                    rows.append({"index": i, **score(task, records[i], out)})
-                bar.update(len(idx))
-            bar.close()
-            local[task] = rows
+            local[task] = _task_rows(model, tokenizer, task, records, gen_config, batch_size=batch_size,
+                                     use_input=use_input, synced=synced, show=progress and rank == 0)
     finally:
         model.train(was_training)
 
@@ -250,6 +230,33 @@ def evaluate_tasks(
         for line in result_lines(result):
             log(line)
     return result
+
+
+def _task_rows(model, tokenizer, task: str, records: Sequence[Mapping[str, Any]], gen_config, *, batch_size: int,
+               use_input: bool, synced: bool, show: bool) -> list[dict]:
+    """This rank's scored rows of one task: rows rank::world, in batches; under ZeRO-3 every
+    rank makes the same number of generate calls (padding calls are generated and dropped)."""
+    rank, world = rank_and_world()
+    mine = list(range(rank, len(records), world))
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if synced:  # equal call counts on every rank: pad with dummy calls
+        most = math.ceil(math.ceil(len(records) / world) / batch_size)
+        batches += [None] * (most - len(batches))
+    bar = tqdm(total=len(mine), desc=f"eval {task}", unit="row", file=sys.stderr, dynamic_ncols=True,
+               mininterval=2.0, disable=not show)
+    rows = []
+    for batch in batches:
+        idx = batch if batch is not None else [0]
+        prompts = [generate_eval_prompt(records[i]["instruction"], records[i].get("input") if use_input else None)
+                   for i in idx]
+        outputs = generate_outputs(model, tokenizer, prompts, gen_config, synced=synced)
+        if batch is None:
+            continue  # a padding call under ZeRO-3: keeps the collectives in step
+        for i, out in zip(idx, outputs):
+            rows.append({"index": i, **score(task, records[i], out)})
+        bar.update(len(idx))
+    bar.close()
+    return rows
 
 
 def _gather(local: dict[str, list[dict]], world: int) -> dict[str, list[dict]]:

@@ -113,6 +113,18 @@ def test_ray_run_produces_one_complete_mlflow_run(workdir, ray_run):
     assert [r["index"] for r in first] == state["model.layers.0.self_attn.q_proj.dash_indices"].tolist()
 
 
+def test_ray_driver_shows_each_worker_line_once_and_no_dependency_warnings(ray_run):
+    """Ray Train echoed every worker line twice (its print patch + the streamed stderr), and
+    torch.distributed's FutureWarning came with every ZeRO-3 collective."""
+    out = ray_run["proc"].stdout + ray_run["proc"].stderr
+    written = [line for line in out.splitlines() if "[tsd rank 0] adapter written to" in line]
+    assert len(written) == 1, written
+    steps = [line for line in out.splitlines() if "[tsd rank 0] step 3/5 " in line]
+    assert len(steps) == 1, steps
+    assert "FutureWarning" not in out and "[tsd rank 1] step" not in out
+    assert "[tsd driver] MLflow run" in out
+
+
 def test_adapter_loads_in_stock_peft_and_matches_tsd_import(workdir, ray_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
