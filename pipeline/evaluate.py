@@ -37,7 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from peft import PeftModel
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from pipeline.data.tasks import (
     answer_format,
@@ -117,8 +121,6 @@ def generation_config(tokenizer, num_beams: int = 4, max_new_tokens: int = 32):
     model folder's own generation_config.json (which transformers merges into unset values)
     cannot switch on sampling or a repetition penalty behind our back.
     """
-    from transformers import GenerationConfig
-
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if max_new_tokens < 1:
@@ -262,8 +264,6 @@ def _task_rows(model, tokenizer, task: str, records: Sequence[Mapping[str, Any]]
 def _gather(local: dict[str, list[dict]], world: int) -> dict[str, list[dict]]:
     """Every rank's rows, merged per task in file order (on every rank)."""
     if world > 1:
-        import torch.distributed as dist
-
         parts: list = [None] * world
         dist.all_gather_object(parts, local)
     else:
@@ -332,9 +332,6 @@ def unpartitioned_copy(cfg: RunConfig, state: dict):
     ~15 s per Social-IQa row for SmolLM2 on CPU); a whole copy per rank generates its shard of
     the test set at full speed. It costs one model's memory per rank for the evaluation only.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
     unset_hf_deepspeed_config()  # from here on from_pretrained must not partition
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
                                                  trust_remote_code=cfg.model.trust_remote_code)
@@ -397,8 +394,6 @@ def load_model(model_dir: str | os.PathLike | None, adapter_dir: str | os.PathLi
     original base, unmerged; a stock PEFT adapter (no sidecar) with `PeftModel.from_pretrained`.
     Without `model_dir` the base recorded in the adapter is used.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     adapter = Path(adapter_dir) if adapter_dir else None
     if adapter is not None and not adapter.is_dir():
         raise FileNotFoundError(f"--adapter: {adapter} is not a folder")
@@ -420,8 +415,6 @@ def load_model(model_dir: str | os.PathLike | None, adapter_dir: str | os.PathLi
         if (adapter / SIDECAR).is_file():
             load_adapter(model, adapter)
         elif (adapter / "adapter_config.json").is_file():
-            from peft import PeftModel
-
             model = PeftModel.from_pretrained(model, str(adapter))
         else:
             raise FileNotFoundError(f"--adapter: {adapter} holds neither {SIDECAR} nor adapter_config.json")
@@ -450,8 +443,6 @@ def default_tracking_uri() -> str:
 
 def _init_distributed_from_env() -> bool:
     """Join the process group a launcher (torchrun, deepspeed) describes in the environment."""
-    import torch.distributed as dist
-
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"

@@ -122,7 +122,7 @@ def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def _pip_refuses_direct_urls() -> bool:
-    try:
+    try:  # pip itself, imported only here: a venv without pip can still run everything else
         from pip import __version__ as v
 
         return int(v.split(".")[0]) >= 26

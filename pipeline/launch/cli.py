@@ -16,6 +16,7 @@ import argparse
 import os
 import signal
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.config import ConfigError
 from pipeline.logs import setup_logging
@@ -76,8 +77,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def run_lines(run_id: str, experiment: str, uri: str) -> list[str]:
     """Where the run is and how to look at it, for humans: any password in `uri` masked (the
     connection itself used the full URI)."""
-    from urllib.parse import urlsplit, urlunsplit
-
     from pipeline.tracking.logger import mask_secrets
 
     shown = mask_secrets(uri)

@@ -15,6 +15,13 @@ import socket
 import time
 from pathlib import Path
 
+# Ray at the top: this module is the Ray launcher (`tsd train` imports it only to train, so the
+# other commands never load Ray).
+import ray
+import ray.train
+from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from pipeline.config import RunConfig, from_dict
 from pipeline.logs import log
 from pipeline.tracking.logger import end_run, mask_secrets, start_run
@@ -27,13 +34,9 @@ def _train_fn(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"], "driver")
     tracking_uri = loop_config["tracking_uri"]
     if tracking_uri is not None and not isinstance(tracking_uri, str):  # an object ref: see run()
-        import ray
-
         tracking_uri = ray.get(tracking_uri)
 
     def report(metrics: dict) -> None:
-        import ray.train
-
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     ctx = WorkerContext(
@@ -52,8 +55,6 @@ def _masked_config(cfg: RunConfig) -> dict:
 
 def _connect(cfg: RunConfig) -> bool:
     """Connect to (or start) Ray; True when this process started it and must stop it."""
-    import ray
-
     if ray.is_initialized():
         return False
     address = cfg.workers.address or os.environ.get("RAY_ADDRESS")
@@ -76,10 +77,6 @@ def _connect(cfg: RunConfig) -> bool:
 
 def run(cfg: RunConfig, tracking_uri: str) -> dict:
     """Train with Ray Train; returns the final metrics."""
-    import ray
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     w = cfg.workers
     run_id = None
     if not cfg.tracking.offline:

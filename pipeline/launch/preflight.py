@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.config import ConfigError, RunConfig, check_paths
 from pipeline.data.tasks import extract_answer, load_many, load_records
@@ -23,8 +27,6 @@ from tsd.inject import inject
 def check_tracking_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
     """An `http(s)://` tracking server must answer at start-up: fail fast (a clear error, not
     minutes of MLflow retries and a traceback) unless the run is `tracking.offline`."""
-    from urllib.parse import urlsplit
-
     if not uri or not uri.startswith(("http://", "https://")):
         return  # sqlite / file stores are local: nothing to reach
     parts = urlsplit(uri)
@@ -43,9 +45,6 @@ def check_tracking_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
 def _check_model(cfg: RunConfig) -> None:
     """model.path is a model folder whose architecture has the targets, each big enough for r
     and s: checked on the model's config alone, built on the meta device (no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(cfg.model.path)
     if not path.exists():
         raise FileNotFoundError(f"model.path: {path} does not exist")
@@ -85,8 +84,6 @@ def _check_data(cfg: RunConfig) -> int:
 
 def _check_resources(cfg: RunConfig) -> None:
     """A local Ray (no address) gets this machine only: the workers must fit on it."""
-    import torch
-
     w = cfg.workers
     if w.address or os.environ.get("RAY_ADDRESS"):
         return  # a cluster's resources are checked once connected (run())

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline.training import rank_failure
 from pipeline.training.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
@@ -69,7 +71,7 @@ class TrainResult:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
+    try:  # numpy is optional for torch; seed it when it is there (data code may use it)
         import numpy as np
 
         np.random.seed(seed)
@@ -111,11 +113,6 @@ def load_model(cfg: RunConfig, ds_config: dict):
     `HfDeepSpeedConfig` must exist, and stay referenced, while `from_pretrained` runs: it is
     how transformers knows to build the model inside `deepspeed.zero.Init`.
     """
-    # transformers, deepspeed and mlflow are imported where a worker uses them: the CLI's
-    # preflight imports this module too, and needs none of them (seconds of start-up each).
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
-
     path = Path(cfg.model.path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
@@ -455,7 +452,7 @@ def record_restart(tracker, step: int) -> None:
     if not tracker.enabled:
         return
     try:
-        import mlflow
+        import mlflow  # deferred like deepspeed (see train): the preflight imports this module
 
         tags = mlflow.MlflowClient(tracker.tracking_uri).get_run(tracker.run_id).data.tags
         count = int(tags.get("restarts", "0")) + 1
