@@ -37,6 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from peft import PeftModel
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from pipeline.data.tasks import (
     answer_format,
@@ -47,7 +52,8 @@ from pipeline.data.tasks import (
     response_text,
 )
 from pipeline.config import RunConfig
-from pipeline.training.distributed import leave_process_group, log, rank_and_world
+from pipeline.logs import log
+from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import DB_FILE, resolve_tracking_uri
@@ -117,8 +123,6 @@ def generation_config(tokenizer, num_beams: int = 4, max_new_tokens: int = 32):
     model folder's own generation_config.json (which transformers merges into unset values)
     cannot switch on sampling or a repetition penalty behind our back.
     """
-    from transformers import GenerationConfig
-
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if max_new_tokens < 1:
@@ -213,27 +217,8 @@ def evaluate_tasks(
                 raise ValueError(f"task {task!r}: no records to evaluate")
             for r in records[:1]:
                 row_format(task, r)  # fail before generating if the task cannot be scored
-            mine = list(range(rank, len(records), world))
-            batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-            if synced:  # equal call counts on every rank: pad with dummy calls
-                most = math.ceil(math.ceil(len(records) / world) / batch_size)
-                batches += [None] * (most - len(batches))
-            bar = _progress(len(mine), f"eval {task}", enabled=progress and rank == 0)
-            rows = []
-            for batch in batches:
-                idx = batch if batch is not None else [0]
-                prompts = [
-                    generate_eval_prompt(records[i]["instruction"], records[i].get("input") if use_input else None)
-                    for i in idx
-                ]
-                outputs = generate_outputs(model, tokenizer, prompts, gen_config, synced=synced)
-                if batch is None:
-                    continue  # a padding call under ZeRO-3: keeps the collectives in step
-                for i, out in zip(idx, outputs):
-                    rows.append({"index": i, **score(task, records[i], out)})
-                bar.update(len(idx))
-            bar.close()
-            local[task] = rows
+            local[task] = _task_rows(model, tokenizer, task, records, gen_config, batch_size=batch_size,
+                                     use_input=use_input, synced=synced, show=progress and rank == 0)
     finally:
         model.train(was_training)
 
@@ -247,15 +232,40 @@ def evaluate_tasks(
     result["seconds"] = time.perf_counter() - t0
     if progress and rank == 0:
         for line in result_lines(result):
-            print(f"[tsd eval] {line}", file=sys.stderr, flush=True)
+            log(line)
     return result
+
+
+def _task_rows(model, tokenizer, task: str, records: Sequence[Mapping[str, Any]], gen_config, *, batch_size: int,
+               use_input: bool, synced: bool, show: bool) -> list[dict]:
+    """This rank's scored rows of one task: rows rank::world, in batches; under ZeRO-3 every
+    rank makes the same number of generate calls (padding calls are generated and dropped)."""
+    rank, world = rank_and_world()
+    mine = list(range(rank, len(records), world))
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if synced:  # equal call counts on every rank: pad with dummy calls
+        most = math.ceil(math.ceil(len(records) / world) / batch_size)
+        batches += [None] * (most - len(batches))
+    bar = tqdm(total=len(mine), desc=f"eval {task}", unit="row", file=sys.stderr, dynamic_ncols=True,
+               mininterval=2.0, disable=not show)
+    rows = []
+    for batch in batches:
+        idx = batch if batch is not None else [0]
+        prompts = [generate_eval_prompt(records[i]["instruction"], records[i].get("input") if use_input else None)
+                   for i in idx]
+        outputs = generate_outputs(model, tokenizer, prompts, gen_config, synced=synced)
+        if batch is None:
+            continue  # a padding call under ZeRO-3: keeps the collectives in step
+        for i, out in zip(idx, outputs):
+            rows.append({"index": i, **score(task, records[i], out)})
+        bar.update(len(idx))
+    bar.close()
+    return rows
 
 
 def _gather(local: dict[str, list[dict]], world: int) -> dict[str, list[dict]]:
     """Every rank's rows, merged per task in file order (on every rank)."""
     if world > 1:
-        import torch.distributed as dist
-
         parts: list = [None] * world
         dist.all_gather_object(parts, local)
     else:
@@ -268,20 +278,6 @@ def _gather(local: dict[str, list[dict]], world: int) -> dict[str, list[dict]]:
     return merged
 
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="row", file=sys.stderr, dynamic_ncols=True, mininterval=2.0)
 
 
 def result_lines(result: Mapping[str, Any]) -> list[str]:
@@ -338,9 +334,6 @@ def unpartitioned_copy(cfg: RunConfig, state: dict):
     ~15 s per Social-IQa row for SmolLM2 on CPU); a whole copy per rank generates its shard of
     the test set at full speed. It costs one model's memory per rank for the evaluation only.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
     unset_hf_deepspeed_config()  # from here on from_pretrained must not partition
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
                                                  trust_remote_code=cfg.model.trust_remote_code)
@@ -403,8 +396,6 @@ def load_model(model_dir: str | os.PathLike | None, adapter_dir: str | os.PathLi
     original base, unmerged; a stock PEFT adapter (no sidecar) with `PeftModel.from_pretrained`.
     Without `model_dir` the base recorded in the adapter is used.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     adapter = Path(adapter_dir) if adapter_dir else None
     if adapter is not None and not adapter.is_dir():
         raise FileNotFoundError(f"--adapter: {adapter} is not a folder")
@@ -426,8 +417,6 @@ def load_model(model_dir: str | os.PathLike | None, adapter_dir: str | os.PathLi
         if (adapter / SIDECAR).is_file():
             load_adapter(model, adapter)
         elif (adapter / "adapter_config.json").is_file():
-            from peft import PeftModel
-
             model = PeftModel.from_pretrained(model, str(adapter))
         else:
             raise FileNotFoundError(f"--adapter: {adapter} holds neither {SIDECAR} nor adapter_config.json")
@@ -456,8 +445,6 @@ def default_tracking_uri() -> str:
 
 def _init_distributed_from_env() -> bool:
     """Join the process group a launcher (torchrun, deepspeed) describes in the environment."""
-    import torch.distributed as dist
-
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -507,7 +494,7 @@ def run_evaluation(
             write_results(result, out_dir)
             if run_id:
                 if not log_results(result, uri, run_id, out_dir, step=step):
-                    print(f"[tsd eval] warning: not everything reached MLflow run {run_id}", file=sys.stderr)
+                    log(f"warning: not everything reached MLflow run {run_id}")
                 result["logged_to"] = {"tracking_uri": uri, "run_id": run_id}
         finished = True
         return result

@@ -97,6 +97,16 @@ def test_switch_step_not_before_the_end(tmp_path, base, capsys):
     _assert_clear_error(rc, err, "method.switch_step:", "step 5", "only 5 steps")
 
 
+def test_register_as_without_a_run_to_register(tmp_path, base, capsys):
+    rc, err = _train(tmp_path, base, capsys, "tracking.register_as=my-adapter", "tracking.offline=true")
+    _assert_clear_error(rc, err, "tracking.register_as:", "tracking.offline")
+
+
+def test_register_as_on_a_file_store(tmp_path, base, capsys):
+    rc, err = _train(tmp_path, base, capsys, "tracking.register_as=my-adapter", f"tracking.uri=file://{tmp_path}/mlruns")
+    _assert_clear_error(rc, err, "tracking.register_as needs a database-backed MLflow store", "file store")
+
+
 def test_num_directions_larger_than_a_layer(tmp_path, base, capsys):
     rc, err = _train(tmp_path, base, capsys, "method.num_directions=40")
     _assert_clear_error(rc, err, "method.num_directions:", "q_proj", "s=40 exceeds min(out, in)=32")

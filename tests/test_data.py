@@ -492,7 +492,7 @@ def test_prepare_data_offline_from_cached_archive(tmp_path, capsys):
     # idempotent: a second call finds it complete and rewrites nothing
     mtime = out["train"].stat().st_mtime_ns
     assert prepare_data("social_i_qa", cache_dir=tmp_path, seed=7, test_size=4) == out
-    assert out["train"].stat().st_mtime_ns == mtime and "ready" in capsys.readouterr().out
+    assert out["train"].stat().st_mtime_ns == mtime and "ready" in capsys.readouterr().err
     # limit: prefixes of the full split, in their own folder
     small = prepare_data("social_i_qa", cache_dir=tmp_path, seed=7, test_size=4, limit=3, test_limit=2)
     assert small["train"].parent != out["train"].parent

@@ -60,6 +60,9 @@ def _run(cmd, timeout=600, **env):
 @pytest.fixture(scope="module")
 def ray_run(workdir):
     cfg = _config(workdir, "ray-dash")
+    data = yaml.safe_load(cfg.read_text())
+    data["tracking"]["register_as"] = "e2e-dash"  # the adapter becomes a model version too
+    cfg.write_text(yaml.safe_dump(data))
     proc = _run([str(BIN / "tsd"), "train", str(cfg)])
     return {"proc": proc, "dir": workdir / "runs/ray-dash"}
 
@@ -105,12 +108,27 @@ def test_ray_run_produces_one_complete_mlflow_run(workdir, ray_run):
     arc = [json.loads(l) for l in (ray_run["dir"] / "eval/predictions/ARC-Easy.jsonl").read_text().splitlines()]
     assert len(arc) == 4 and s["metrics"]["acc_ARC-Easy"] == pytest.approx(sum(p["correct"] for p in arc) / 4)
     assert s["metrics"]["acc_avg"] == pytest.approx((s["metrics"]["acc_social_i_qa"] + s["metrics"]["acc_ARC-Easy"]) / 2)
+    # tracking.register_as: version 1 of the registered model comes from this run, tagged on it.
+    version = client.get_model_version("e2e-dash", "1")
+    assert version.run_id == mine[0].info.run_id and s["tags"]["registered_model"] == "e2e-dash/1"
     # The logged direction table is the adapter's own selection.
     rows = json.loads(Path(s["artifact_uri"].removeprefix("file://"), "directions/dash/directions.json").read_text())
     state = load_file(str(ray_run["dir"] / "adapter/tsd_state.safetensors"))
     cols = rows["columns"]
     first = [dict(zip(cols, r)) for r in rows["data"] if dict(zip(cols, r))["layer"] == "model.layers.0.self_attn.q_proj"]
     assert [r["index"] for r in first] == state["model.layers.0.self_attn.q_proj.dash_indices"].tolist()
+
+
+def test_ray_driver_shows_each_worker_line_once_and_no_dependency_warnings(ray_run):
+    """Ray Train echoed every worker line twice (its print patch + the streamed stderr), and
+    torch.distributed's FutureWarning came with every ZeRO-3 collective."""
+    out = ray_run["proc"].stdout + ray_run["proc"].stderr
+    written = [line for line in out.splitlines() if "[tsd rank 0] adapter written to" in line]
+    assert len(written) == 1, written
+    steps = [line for line in out.splitlines() if "[tsd rank 0] step 3/5 " in line]
+    assert len(steps) == 1, steps
+    assert "FutureWarning" not in out and "[tsd rank 1] step" not in out
+    assert "[tsd driver] MLflow run" in out
 
 
 def test_adapter_loads_in_stock_peft_and_matches_tsd_import(workdir, ray_run):

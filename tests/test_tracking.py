@@ -523,7 +523,7 @@ def test_a_ray_run_never_shows_the_password(server_with_password, tmp_path_facto
                                        RAY_enable_export_api_write="1"), timeout=600)
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
         shown = server_with_password["uri"].replace(SECRET, "***")
-        assert "[tsd driver] MLflow run" in proc.stdout and shown in proc.stdout
+        assert "[tsd driver] MLflow run" in proc.stderr and shown in proc.stderr
         assert SECRET not in proc.stdout and SECRET not in proc.stderr
         assert "step 5/5" in proc.stderr  # the workers' own log lines came through
         assert _files_containing(wd / "runs", SECRET) == []

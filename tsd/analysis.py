@@ -31,6 +31,7 @@ Plain torch: no MLflow, no Ray, no plotting (pipeline/reports/analyze.py draws t
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tsd.export import SIDECAR
 
 KINDS = ("dash", "init")
 MEASURES = ("index", "U", "V", "UV")
@@ -126,13 +131,6 @@ def selections_from_state(state: Mapping[str, torch.Tensor], kind: str = "dash",
 
 def read_selections(path: str | os.PathLike, kind: str = "dash", label: str | None = None) -> Selections:
     """The selections saved in an adapter folder (or a sidecar file itself)."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from tsd.export import SIDECAR
-
     p = Path(path)
     file = p / SIDECAR if p.is_dir() else p
     if not file.is_file():

@@ -100,7 +100,7 @@ def save_adapter(
     """Write the PEFT adapter and the sidecar to `out_dir` atomically (a temporary folder,
     renamed into place when complete). `state` is `collect_state(model)` when already gathered
     (under ZeRO-3: gather on every rank, write on one)."""
-    from peft import LoraConfig
+    from peft import LoraConfig  # deferred: importing peft takes ~1 s and `import tsd` must stay light
 
     state = collect_state(model) if state is None else state
     layers = tsd_layers(model)

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -67,8 +68,6 @@ def gather_to(params: Sequence[torch.Tensor], dst: int) -> list[torch.Tensor] | 
         return [p.data for p in params] if _rank() == dst else None
     if not all(is_partitioned(p) for p in params):
         raise ValueError("gather_to: either all or none of the parameters must be ZeRO-3 partitioned")
-    import torch.distributed as dist
-
     # Bytes, so that parameters of different dtypes travel together.
     local = [p.ds_tensor.data.reshape(-1).view(torch.uint8) for p in params]
     send = local[0] if len(local) == 1 else torch.cat(local)
@@ -94,12 +93,10 @@ def set_master_copy(param: torch.Tensor, value: torch.Tensor) -> None:
     modifier rank), also overwrite the optimizer's fp32 master partition; otherwise the next
     optimizer step computes from the stale master copy and silently undoes the edit."""
     if is_partitioned(param) and hasattr(param, "_z3_optimizer"):
-        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.utils import safe_set_full_fp32_param  # deferred: tsd/ runs without DeepSpeed
 
         safe_set_full_fp32_param(param, value.to(torch.float32))
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

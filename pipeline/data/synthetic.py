@@ -9,14 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL = ["<unk>", "<pad>", "<s>", "</s>"]
 
 
 def make_tokenizer(texts: list[str]):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL))
@@ -37,8 +36,6 @@ def make_model_dir(
     seed: int = 0,
 ) -> Path:
     """Save a random-init LlamaForCausalLM (+ tokenizer) to `path` and return it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     path = Path(path)
     texts = texts or ["the quick brown fox jumps over the lazy dog answer1 answer2 answer3 true false"]
     tokenizer = make_tokenizer(texts)

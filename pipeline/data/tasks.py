@@ -20,10 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 IGNORE_INDEX = -100  # label value the loss ignores (prompt tokens when train_on_inputs=False)
 
@@ -238,18 +242,8 @@ def load_many(paths: Sequence[str | Path], require_answer: bool = True) -> list[
     return [r for p in paths for r in load_records(p, require_answer=require_answer)]
 
 
-def load_hf_dataset(path: str | Path, require_answer: bool = True):
-    """The checked records as a `datasets.Dataset` (for code that wants the HF API)."""
-    import datasets
-
-    return datasets.Dataset.from_list(load_records(path, require_answer=require_answer))
-
-
 def write_records(path: str | Path, records: Iterable[dict]) -> None:
     """Write records as one JSON list (LLM-Adapters' layout), atomically."""
-    import os
-    import tempfile
-
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
@@ -319,8 +313,6 @@ class TokenizedDataset:
 def collate(batch: Sequence[dict], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
     """Pad a list of examples on the right into LongTensors: input_ids with `pad_id`,
     attention_mask with 0, labels with -100 (examples without labels get labels = input_ids)."""
-    import torch
-
     if not batch:
         raise ValueError("collate: empty batch")
     if pad_id is None:

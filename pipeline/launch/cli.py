@@ -16,8 +16,10 @@ import argparse
 import os
 import signal
 import sys
+from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.config import ConfigError
+from pipeline.logs import setup_logging
 
 # Each command imports the modules it runs, inside its function (deliberately): `tsd --help`,
 # `tsd compare` or `tsd prepare-data` should not pay for importing Ray, the training loop and
@@ -75,8 +77,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def run_lines(run_id: str, experiment: str, uri: str) -> list[str]:
     """Where the run is and how to look at it, for humans: any password in `uri` masked (the
     connection itself used the full URI)."""
-    from urllib.parse import urlsplit, urlunsplit
-
     from pipeline.tracking.secrets import mask_secrets
 
     shown = mask_secrets(uri)
@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    # Progress lines name the process that is not a rank: the Ray driver, the fetch commands.
+    setup_logging(role={cmd_train: "driver", cmd_prepare_model: "prepare", cmd_prepare_data: "prepare"}.get(args.func, ""))
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:

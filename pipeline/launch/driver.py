@@ -15,7 +15,15 @@ import socket
 import time
 from pathlib import Path
 
+# Ray at the top: this module is the Ray launcher (`tsd train` imports it only to train, so the
+# other commands never load Ray).
+import ray
+import ray.train
+from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from pipeline.config import RunConfig, from_dict
+from pipeline.logs import log
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import end_run, start_run
 from pipeline.training.loop import WorkerContext, train
@@ -27,13 +35,9 @@ def _train_fn(loop_config: dict) -> None:
     cfg = from_dict(loop_config["config"], "driver")
     tracking_uri = loop_config["tracking_uri"]
     if tracking_uri is not None and not isinstance(tracking_uri, str):  # an object ref: see run()
-        import ray
-
         tracking_uri = ray.get(tracking_uri)
 
     def report(metrics: dict) -> None:
-        import ray.train
-
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     ctx = WorkerContext(
@@ -52,12 +56,13 @@ def _masked_config(cfg: RunConfig) -> dict:
 
 def _connect(cfg: RunConfig) -> bool:
     """Connect to (or start) Ray; True when this process started it and must stop it."""
-    import ray
-
     if ray.is_initialized():
         return False
     address = cfg.workers.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}}
+    # Ray Train turns a worker's print() into a log record on a console handler of its own, and
+    # the worker's stderr reaches the driver too: every printed line would show twice.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}}
     if not env["env_vars"]["DS_ACCELERATOR"]:
         del env["env_vars"]["DS_ACCELERATOR"]
     if address:
@@ -73,10 +78,6 @@ def _connect(cfg: RunConfig) -> bool:
 
 def run(cfg: RunConfig, tracking_uri: str) -> dict:
     """Train with Ray Train; returns the final metrics."""
-    import ray
-    from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     w = cfg.workers
     run_id = None
     if not cfg.tracking.offline:
@@ -92,11 +93,10 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
             },
             params=cfg.to_dict(),
         )
-        print(f"[tsd driver] MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {mask_secrets(tracking_uri)}",
-              flush=True)
+        log(f"MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {mask_secrets(tracking_uri)}")
     if w.max_failures and not cfg.train.checkpoint_every:
-        print("[tsd driver] warning: workers.max_failures is set but train.checkpoint_every is not: a restarted "
-              "worker group starts again from step 0", flush=True)
+        log("warning: workers.max_failures is set but train.checkpoint_every is not: a restarted "
+            "worker group starts again from step 0")
     started_here = _connect(cfg)
     status = "FAILED"
     t0 = time.perf_counter()

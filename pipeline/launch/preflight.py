@@ -10,10 +10,16 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from pipeline.config import ConfigError, RunConfig, check_paths
 from pipeline.data.tasks import extract_answer, load_many, load_records
 from pipeline.evaluate import row_format
+from pipeline.logs import log
+from pipeline.tracking.registry import model_registry_problem
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.training.loop import deepspeed_config, optimizer_steps
 from tsd.inject import inject
@@ -22,8 +28,6 @@ from tsd.inject import inject
 def check_tracking_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
     """An `http(s)://` tracking server must answer at start-up: fail fast (a clear error, not
     minutes of MLflow retries and a traceback) unless the run is `tracking.offline`."""
-    from urllib.parse import urlsplit
-
     if not uri or not uri.startswith(("http://", "https://")):
         return  # sqlite / file stores are local: nothing to reach
     parts = urlsplit(uri)
@@ -42,9 +46,6 @@ def check_tracking_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
 def _check_model(cfg: RunConfig) -> None:
     """model.path is a model folder whose architecture has the targets, each big enough for r
     and s: checked on the model's config alone, built on the meta device (no weights read)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     path = Path(cfg.model.path)
     if not path.exists():
         raise FileNotFoundError(f"model.path: {path} does not exist")
@@ -84,8 +85,6 @@ def _check_data(cfg: RunConfig) -> int:
 
 def _check_resources(cfg: RunConfig) -> None:
     """A local Ray (no address) gets this machine only: the workers must fit on it."""
-    import torch
-
     w = cfg.workers
     if w.address or os.environ.get("RAY_ADDRESS"):
         return  # a cluster's resources are checked once connected (run())
@@ -104,9 +103,9 @@ def _check_resources(cfg: RunConfig) -> None:
         # Measured (docs/BENCHMARKS.md, benchmark 4): Ray's own processes take ~0.1 core in
         # steady state; with no core left for them, CPU workers run ~7% slower than under a
         # bare launcher, and as fast with one core spare.
-        print(f"[tsd driver] note: the workers take all {cpus} CPUs of this machine, so Ray's own processes "
+        log(f"note: the workers take all {cpus} CPUs of this machine, so Ray's own processes "
               "(~0.1 CPU in steady state) share their cores (2 workers on 2 CPUs: 7% fewer tokens/s than a bare "
-              "launcher). One CPU left free avoids it.", flush=True)
+              "launcher). One CPU left free avoids it.")
 
 
 def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None = None, ray: bool = True) -> None:
@@ -121,5 +120,19 @@ def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None
     optimizer_steps(cfg, n, world or cfg.workers.num_workers)  # data enough for a step; the switch fits
     if ray:
         _check_resources(cfg)
+    uri = tracking_uri if tracking_uri is not None else cfg.tracking.uri
     if not cfg.tracking.offline:
-        check_tracking_reachable(tracking_uri if tracking_uri is not None else cfg.tracking.uri)
+        check_tracking_reachable(uri)
+    _check_registry(cfg, uri)
+
+
+def _check_registry(cfg: RunConfig, uri: str | None) -> None:
+    """tracking.register_as needs a run to register from and a store that has a registry."""
+    if not cfg.tracking.register_as:
+        return
+    if cfg.tracking.offline:
+        raise ConfigError("tracking.register_as: a run with tracking.offline: true logs no adapter to register; "
+                          "drop one of the two")
+    problem = model_registry_problem(uri) if uri else None
+    if problem:
+        raise ConfigError(problem)

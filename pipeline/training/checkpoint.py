@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from pipeline.training.distributed import log, rank_and_world
+from pipeline.logs import log
+from pipeline.training.distributed import rank_and_world
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_state: dict) -> None:

@@ -1,5 +1,5 @@
-"""The ranks of a run: who this process is (`rank_and_world`), its rank-aware log line (`log`),
-and how it leaves torch.distributed and ends its process without aborting at exit.
+"""The ranks of a run: who this process is (`rank_and_world`), and how it leaves
+torch.distributed and ends its process without aborting at exit.
 
 Why this is needed (gloo, CPU): a gloo process group runs each collective on a worker thread
 ("pt_gloo_runloop"). The thread marks the collective done, which wakes the caller, and only THEN
@@ -44,14 +44,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def log(msg: str, all_ranks: bool = False) -> None:
-    """One line `[tsd rank k] msg` on stderr, from rank 0 only unless `all_ranks`."""
-    rank, _ = rank_and_world()
-    if rank == 0 or all_ranks:
-        # stderr: Ray Train echoes a worker's stdout twice to the driver, its stderr once.
-        print(f"[tsd rank {rank}] {msg}", file=sys.stderr, flush=True)
 
 
 GLOO_WORKER_THREAD = "pt_gloo_runloop"  # the name torch gives ProcessGroupGloo's worker threads

@@ -23,18 +23,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import HfDeepSpeedConfig
 
-from pipeline.training import rank_failure
-from pipeline.training.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
 from pipeline.config import RunConfig, check_switch_fits
 from pipeline.data.loader import TokenizedTasks, micro_batches_per_epoch, train_loader
-from pipeline.training.distributed import leave_process_group, log, rank_and_world
 from pipeline.evaluate import evaluate_after_training
+from pipeline.logs import log, setup_logging
+from pipeline.tracking.logger import RunLogger
+from pipeline.tracking.registry import register_adapter
+from pipeline.tracking.secrets import mask_secrets
+from pipeline.tracking.store import client, end_run, start_run
+from pipeline.training import rank_failure
+from pipeline.training.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
+from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.training.faults import Faults
 from pipeline.training.rank_failure import on_peer_failure
 from pipeline.training.sharded_switch import sharded_switch
-from pipeline.tracking.logger import RunLogger
-from pipeline.tracking.store import end_run, start_run
 from tsd.export import collect_state, save_adapter
 from tsd.inject import inject, tsd_layers
 from tsd.partition import full_shape, is_partitioned
@@ -69,7 +74,7 @@ class TrainResult:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
+    try:  # numpy is optional for torch; seed it when it is there (data code may use it)
         import numpy as np
 
         np.random.seed(seed)
@@ -111,11 +116,6 @@ def load_model(cfg: RunConfig, ds_config: dict):
     `HfDeepSpeedConfig` must exist, and stay referenced, while `from_pretrained` runs: it is
     how transformers knows to build the model inside `deepspeed.zero.Init`.
     """
-    # transformers, deepspeed and mlflow are imported where a worker uses them: the CLI's
-    # preflight imports this module too, and needs none of them (seconds of start-up each).
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.integrations import HfDeepSpeedConfig
-
     path = Path(cfg.model.path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
@@ -201,8 +201,10 @@ def optimizer_steps(cfg: RunConfig, n_examples: int, world: int) -> int:
 
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
+    setup_logging()  # first: dependency warnings are filtered before anything can raise them
+    # Deferred: importing deepspeed takes seconds and probes the accelerator; the preflight and
+    # the driver import this module without training.
     import deepspeed
-
 
     ctx = ctx or WorkerContext()
     if not dist.is_initialized():
@@ -415,13 +417,28 @@ def finish(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, result: Trai
     if cfg.data.test:
         result.metrics.update(evaluate_after_training(adapter_state, s.tokenizer, cfg, run_dir, tracker, result.steps))
     tracker.log_metrics({"final_loss": result.final_loss}, result.steps)
-    tracker.flush()
+    tracker.flush()  # the registry reads the adapter back from the run
+    if cfg.tracking.register_as and tracker.enabled:
+        register(tracker, cfg.tracking.register_as)
     result.metrics.update({"final_loss": result.final_loss, **{f"switch_{k}_seconds": v for k, v in result.switch_seconds.items()}})
     if rank == 0:
         write_json_atomic(run_dir / "result.json", {**result.metrics, "steps": result.steps, "adapter": result.adapter_dir})
     if ctx.report is not None:
         ctx.report({**result.metrics, "step": result.steps, "done": 1})
     return result
+
+
+def register(tracker, name: str) -> None:
+    """The run's adapter as the next version of registered model `name` (rank 0). A failure here
+    warns and leaves the run as it is: training is done and the adapter is saved and logged."""
+    try:
+        version = register_adapter(tracker.tracking_uri, tracker.run_id, "adapter", name)
+    except Exception as e:
+        log(f"WARNING: the adapter was not registered as {name!r} ({type(e).__name__}: "
+            f"{mask_secrets(str(e).splitlines()[0] if str(e) else '')}); it is logged in run {tracker.run_id}")
+        return
+    tracker.set_tags({"registered_model": f"{name}/{version}"})
+    log(f"adapter registered in MLflow's model registry as {name} version {version}")
 
 
 def non_finite(what: str, ckpt_dir: Path) -> NonFiniteLossError:
@@ -453,9 +470,7 @@ def record_restart(tracker, step: int) -> None:
     if not tracker.enabled:
         return
     try:
-        import mlflow
-
-        tags = mlflow.MlflowClient(tracker.tracking_uri).get_run(tracker.run_id).data.tags
+        tags = client(tracker.tracking_uri).get_run(tracker.run_id).data.tags
         count = int(tags.get("restarts", "0")) + 1
     except Exception as e:  # the tracking server may be away: training goes on
         log(f"WARNING: could not read the run's restart count ({type(e).__name__}); not recording this resume")

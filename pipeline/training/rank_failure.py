@@ -36,7 +36,8 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
-from pipeline.training.distributed import exit_now, log, rank_and_world
+from pipeline.logs import log
+from pipeline.training.distributed import exit_now, rank_and_world
 
 POLL_S = 0.2  # how often a watcher looks for a failure: the job ends within about this much of it
 ACK_WAIT_S = 15.0  # the most the failing rank waits for the others (e.g. rank 0 ending an MLflow run)

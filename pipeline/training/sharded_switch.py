@@ -149,118 +149,141 @@ def sharded_switch(
     """Run one switch (`dash` or `init`) over every TSD layer, spread over all ranks.
     Every rank must call it at the same step."""
     t_start = time.perf_counter()
-    rank, world = rank_and_world()
-    layers = dict(tsd_layers(model))
-    switch = switch_kind(kind)
-    items = switch_items(model, kind)
-    owner = shard_plan(items, world)
-    report = SwitchReport(kind=kind, step=step, world_size=world, plan_loads=plan_loads(items, owner, world))
-    cache = SVDCache(cache_dir) if cache_dir else None
-    dtype = {"float32": torch.float32, "float64": torch.float64}[svd_dtype]
-    device = _comm_device()
-    # Each rank's queue in descending cost (the plan's order), so the items of one round are
-    # of like size and no rank waits long for another's SVD before the next round's gather.
-    queues = [sorted((i for i in range(len(items)) if owner[i] == k), key=lambda i: (-items[i].cost, i))
-              for k in range(world)]
-    mine: dict[int, LayerDirections] = {}
-    results: list[LayerDirections | None] = [None] * len(items)
+    run = _ShardedSwitch(model, kind, step, svd_dtype, SVDCache(cache_dir) if cache_dir else None, faults)
+    cached = run.from_cache() if run.cache is not None else set()
+    run.decompose_the_rest(cached)
+    run.report.directions = run.results
+    run.report.seconds = time.perf_counter() - t_start
+    return run.report
 
-    def factors(i: int) -> list[torch.Tensor]:
-        layer = layers[items[i].name]
+
+class _ShardedSwitch:
+    """One switch on this rank: the plan, this rank's queue, and what it has selected so far."""
+
+    def __init__(self, model: nn.Module, kind: str, step: int, svd_dtype: str, cache: SVDCache | None,
+                 faults: Faults):
+        self.rank, self.world = rank_and_world()
+        self.layers = dict(tsd_layers(model))
+        self.switch = switch_kind(kind)
+        self.step, self.svd_dtype, self.cache, self.faults = step, svd_dtype, cache, faults
+        self.items = switch_items(model, kind)
+        self.owner = shard_plan(self.items, self.world)
+        self.report = SwitchReport(kind=kind, step=step, world_size=self.world,
+                                   plan_loads=plan_loads(self.items, self.owner, self.world))
+        self.dtype = {"float32": torch.float32, "float64": torch.float64}[svd_dtype]
+        self.device = _comm_device()
+        # Each rank's queue in descending cost (the plan's order), so the items of one round are
+        # of like size and no rank waits long for another's SVD before the next round's gather.
+        self.queues = [sorted((i for i in range(len(self.items)) if self.owner[i] == k),
+                              key=lambda i: (-self.items[i].cost, i)) for k in range(self.world)]
+        self.mine: dict[int, LayerDirections] = {}  # selected here, not yet shared
+        self.results: list[LayerDirections | None] = [None] * len(self.items)
+        self.aliases: dict[int, str] = {}  # this rank's items' partition keys (SVD cache)
+
+    def factors(self, i: int) -> list[torch.Tensor]:
+        layer = self.layers[self.items[i].name]
         return [layer.lora_A, layer.lora_B]
 
-    def own(i: int, dec: Decomposition, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
-        layer = layers[items[i].name]
-        # The same selection as the single-process run_switch; the weight itself is not needed
-        # once decomposed. Excluded subspaces are replicated buffers: no communication.
-        mine[i] = layer_directions(items[i].name, None, lora_A, lora_B, layer.scaling, items[i].count,
-                                   decomposition=dec, exclude=switch.exclude(layer))
-        report.decomposed.append(items[i].name)
+    def own(self, i: int, dec: Decomposition, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Select item i's directions from its decomposition: the same selection as the
+        single-process run_switch. Excluded subspaces are replicated buffers: no communication."""
+        item, layer = self.items[i], self.layers[self.items[i].name]
+        self.mine[i] = layer_directions(item.name, None, lora_A, lora_B, layer.scaling, item.count,
+                                        decomposition=dec, exclude=self.switch.exclude(layer))
+        self.report.decomposed.append(item.name)
 
-    def share(done: list[list[int]]) -> None:
+    def share(self, done: list[list[int]]) -> None:
         """done[k]: the items rank k has just selected (the same lists on every rank). Each owner
         broadcasts its selections in one message and every rank installs them at once, so no
         rank ever holds more than a round's selections beyond the layers' own buffers."""
         for k, its in enumerate(done):
             if not its:
                 continue
-            if world == 1:
-                got = [mine.pop(i) for i in its]
+            if self.world == 1:
+                got = [self.mine.pop(i) for i in its]
             else:
-                sizes = [_selection_size(items[i]) for i in its]
-                if k == rank:
-                    buf = torch.cat([_pack(mine.pop(i), dtype, device) for i in its])
+                sizes = [_selection_size(self.items[i]) for i in its]
+                if k == self.rank:
+                    buf = torch.cat([_pack(self.mine.pop(i), self.dtype, self.device) for i in its])
                 else:
-                    buf = torch.empty(sum(sizes), dtype=dtype, device=device)
+                    buf = torch.empty(sum(sizes), dtype=self.dtype, device=self.device)
                 dist.broadcast(buf, src=k)
-                got = [_unpack(part, items[i]) for i, part in zip(its, torch.split(buf, sizes))]
+                got = [_unpack(part, self.items[i]) for i, part in zip(its, torch.split(buf, sizes))]
             for i, d in zip(its, got):
-                layer = layers[d.name]
-                switch.fill(layer, d, step, modifier_rank=0)
-                results[i] = switch.installed(layer, d)
+                layer = self.layers[d.name]
+                self.switch.fill(layer, d, self.step, modifier_rank=0)
+                self.results[i] = self.switch.installed(layer, d)
 
-    # 1. Warm cache: items whose decomposition is on disk need only their (small) LoRA
-    #    factors at the owner: packed, several items per gather, no weight moves.
-    aliases, keys = _cache_lookup(layers, items, owner, rank, world, svd_dtype, cache, device) if cache else ({}, {})
-    cached = _all_ranks_union(set(keys), len(items), world, device) if cache else set()
-    if cached:
+    def from_cache(self) -> set[int]:
+        """Items whose decomposition is on disk need only their (small) LoRA factors at the
+        owner: packed, several items per gather, no weight moves. Returns the items done."""
+        items, world = self.items, self.world
+        self.aliases, keys = _cache_lookup(self.layers, items, self.owner, self.rank, world, self.svd_dtype,
+                                           self.cache, self.device)
+        cached = _all_ranks_union(set(keys), len(items), world, self.device)
+        if not cached:
+            return cached
+
         def factor_bytes(i: int) -> int:
-            return sum(math.prod(full_shape(p)) * p.element_size() for p in factors(i))
+            return sum(math.prod(full_shape(p)) * p.element_size() for p in self.factors(i))
 
         # A gather holds at most as many bytes as the largest weight, which the switch holds anyway.
-        limit = max(math.prod(it.shape) * layers[it.name].base_layer.weight.element_size() for it in items)
+        limit = max(math.prod(it.shape) * self.layers[it.name].base_layer.weight.element_size() for it in items)
         # Round j: every rank's j-th chunk is gathered to it, then each processes its own, side by side.
-        chunks = [_chunks([i for i in queues[k] if i in cached], factor_bytes, limit) for k in range(world)]
+        chunks = [_chunks([i for i in self.queues[k] if i in cached], factor_bytes, limit) for k in range(world)]
         for j in range(max(len(c) for c in chunks)):
             late = set()
-            assembled = _gather_round([[p for i in c[j] for p in factors(i)] if j < len(c) else None for c in chunks], rank)
-            for n, i in enumerate(chunks[rank][j] if assembled is not None else []):
+            assembled = _gather_round([[p for i in c[j] for p in self.factors(i)] if j < len(c) else None
+                                       for c in chunks], self.rank)
+            for n, i in enumerate(chunks[self.rank][j] if assembled is not None else []):
                 t0 = time.perf_counter()
-                dec = cache.get(keys[i], device=assembled[2 * n].device)
-                if dec is None:  # damaged since it was looked up: assembled and decomposed below
+                dec = self.cache.get(keys[i], device=assembled[2 * n].device)
+                if dec is None:  # damaged since it was looked up: assembled and decomposed later
                     late.add(i)
                     continue
-                own(i, dec, assembled[2 * n], assembled[2 * n + 1])
-                report.cache_hits += 1
-                report.decompose_seconds += time.perf_counter() - t0
+                self.own(i, dec, assembled[2 * n], assembled[2 * n + 1])
+                self.report.cache_hits += 1
+                self.report.decompose_seconds += time.perf_counter() - t0
                 del dec
             del assembled
-            late = _all_ranks_union(late, len(items), world, device)
+            late = _all_ranks_union(late, len(items), world, self.device)
             cached -= late
-            share([[i for i in c[j] if i not in late] if j < len(c) else [] for c in chunks])
+            self.share([[i for i in c[j] if i not in late] if j < len(c) else [] for c in chunks])
+        return cached
 
-    # 2. Rounds over the rest: rank k's j-th item is assembled on rank k (its weight and LoRA
-    #    factors in one gather) while the others send their slices; then every rank decomposes
-    #    its own item at the same time. Memory: one full weight and its factors per rank.
-    queues = [[i for i in q if i not in cached] for q in queues]
-    for j in range(max(len(q) for q in queues)):
-        assembled = _gather_round([[layers[items[q[j]].name].base_layer.weight, *factors(q[j])] if j < len(q) else None
-                                   for q in queues], rank)
-        if assembled is not None:
-            t0 = time.perf_counter()
-            i = queues[rank][j]
-            weight, lora_A, lora_B = assembled
-            del assembled
-            dec = None
-            if cache is not None:
-                key = weight_key(weight, svd_dtype)
-                dec = cache.get(key, device=weight.device)  # decomposed before, under another partitioning
-            if dec is None:
-                dec = decompose(weight, svd_dtype)
-                faults.in_switch(rank)  # reliability tests: a rank failing mid-switch
-                if cache is not None:
-                    cache.put(key, dec)
-            else:
-                report.cache_hits += 1
-            if cache is not None:
-                cache.put_alias(aliases[i], key)
-            del weight
-            own(i, dec, lora_A, lora_B)
-            report.decompose_seconds += time.perf_counter() - t0
-            del dec, lora_A, lora_B
-        # 3. Every owner sends what it selected this round to all ranks, which install it.
-        share([[q[j]] if j < len(q) else [] for q in queues])
+    def decompose_the_rest(self, cached: set[int]) -> None:
+        """Rounds over the items not cached: rank k's j-th item is assembled on rank k (its weight
+        and LoRA factors in one gather) while the others send their slices; then every rank
+        decomposes its own item at the same time, and the owners share what they selected.
+        Memory: one full weight and its factors per rank."""
+        queues = [[i for i in q if i not in cached] for q in self.queues]
+        for j in range(max(len(q) for q in queues)):
+            assembled = _gather_round([[self.layers[self.items[q[j]].name].base_layer.weight, *self.factors(q[j])]
+                                       if j < len(q) else None for q in queues], self.rank)
+            if assembled is not None:
+                t0 = time.perf_counter()
+                weight, lora_A, lora_B = assembled
+                del assembled
+                i = queues[self.rank][j]
+                dec = self._decomposition(i, weight)
+                del weight
+                self.own(i, dec, lora_A, lora_B)
+                self.report.decompose_seconds += time.perf_counter() - t0
+                del dec, lora_A, lora_B
+            self.share([[q[j]] if j < len(q) else [] for q in queues])
 
-    report.directions = results
-    report.seconds = time.perf_counter() - t_start
-    return report
+    def _decomposition(self, i: int, weight: torch.Tensor) -> Decomposition:
+        """SVD of an assembled weight, from the cache when it was decomposed before under another
+        partitioning (then found by the weight's own content), else computed and stored."""
+        key = weight_key(weight, self.svd_dtype) if self.cache is not None else None
+        dec = self.cache.get(key, device=weight.device) if key is not None else None
+        if dec is None:
+            dec = decompose(weight, self.svd_dtype)
+            self.faults.in_switch(self.rank)  # reliability tests: a rank failing mid-switch
+            if key is not None:
+                self.cache.put(key, dec)
+        else:
+            self.report.cache_hits += 1
+        if key is not None:
+            self.cache.put_alias(self.aliases[i], key)
+        return dec
