@@ -21,7 +21,8 @@ from pipeline.evaluate import row_format
 from pipeline.logs import log
 from pipeline.tracking.registry import model_registry_problem
 from pipeline.tracking.secrets import mask_secrets
-from pipeline.training.loop import deepspeed_config, optimizer_steps
+from pipeline.training.engine import deepspeed_config
+from pipeline.training.loop import optimizer_steps
 from tsd.inject import inject
 
 

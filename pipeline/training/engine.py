@@ -1,0 +1,129 @@
+"""What the DeepSpeed engine is built from: seeds, the DeepSpeed config, the model loaded
+partitioned by ZeRO-3, the learning-rate schedule (and its restart after a LoRA-Init switch), and
+the optimizer state reset that follows an Init switch."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations import HfDeepSpeedConfig
+
+from pipeline.config import RunConfig
+from pipeline.training.distributed import rank_and_world
+from tsd.partition import full_shape, is_partitioned
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:  # numpy is optional for torch; seed it when it is there (data code may use it)
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def deepspeed_config(cfg: RunConfig) -> dict:
+    """The DeepSpeed JSON with its "auto" values filled from the run config."""
+    path = Path(cfg.deepspeed.config)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"deepspeed.config: {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"deepspeed.config: {path} is not valid JSON: {e}") from None
+    t = cfg.train
+    fills = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+    }
+    for key, value in fills.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro x accum x world
+    for key, on in (("bf16", t.precision == "bf16"), ("fp16", t.precision == "fp16")):
+        section = ds.setdefault(key, {})
+        if section.get("enabled", "auto") == "auto":
+            section["enabled"] = on
+    if ds.get("zero_optimization", {}).get("stage") != 3:
+        raise ValueError(f"deepspeed.config: {path} must use ZeRO stage 3 (the pipeline's switch assumes it)")
+    return ds
+
+
+def load_model(cfg: RunConfig, ds_config: dict):
+    """Load the base model partitioned by ZeRO-3 (every rank keeps only its slices).
+
+    `HfDeepSpeedConfig` must exist, and stay referenced, while `from_pretrained` runs: it is
+    how transformers knows to build the model inside `deepspeed.zero.Init`.
+    """
+    path = Path(cfg.model.path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    dtype = getattr(torch, cfg.model.dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, hf_ds
+
+
+def assert_partitioned(model) -> None:
+    """ZeRO-3 must really have partitioned the base weights: the switch depends on it."""
+    _, world = rank_and_world()
+    big = [p for p in model.parameters() if len(full_shape(p)) == 2]
+    if not big or not all(is_partitioned(p) for p in big):
+        raise RuntimeError("the model's weights are not ZeRO-3 partitioned (HfDeepSpeedConfig not active?)")
+    if world > 1 and any(p.ds_tensor.numel() >= p.ds_numel for p in big):
+        raise RuntimeError("a ZeRO-3 partition holds a whole weight; partitioning is not effective")
+
+
+def lr_lambda_factory(cfg: RunConfig, total_steps: int, state: dict):
+    """Warmup then linear/cosine/constant decay; `state['phase_start']` restarts the schedule
+    (LoRA-Init's main phase gets a fresh warmup and decay over the steps that remain)."""
+    t = cfg.train
+
+    def lr_lambda(step: int) -> float:
+        start = state["phase_start"]
+        local, span = step - start, max(total_steps - start, 1)
+        if t.warmup_steps and local < t.warmup_steps:
+            return (local + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(max((local - t.warmup_steps) / max(span - t.warmup_steps, 1), 0.0), 1.0)
+        if t.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return lr_lambda
+
+
+def restart_schedule(scheduler, sched_state: dict, step: int) -> None:
+    """Start LoRA-Init's main phase's schedule at the next step (local step 0: warm-up's first
+    rate). The switch runs after `engine.step()`, which has already asked the scheduler for the
+    next step's rate under the old phase; that rate is recomputed here, or the first step with
+    fresh Adam moments would run at the old phase's rate."""
+    sched_state["phase_start"] = step
+    rates = [base * rate(scheduler.last_epoch) for base, rate in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = lr
+    scheduler._last_lr = rates  # what get_last_lr() reports
+
+
+def reset_optimizer_state(engine) -> None:
+    """A fresh AdamW (zero moments, step 0) for LoRA-Init's main phase, in place: parameters
+    cannot be re-registered with a running ZeRO-3 engine, but their state can be zeroed."""
+    inner = engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer") else engine.optimizer
+    for state in inner.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                value.zero_()
+            elif key == "step":
+                state[key] = 0
