@@ -2,6 +2,7 @@
 # Submit a training run to a Ray cluster as a Ray job:
 #   launch/ray_submit.sh CONFIG [--set key=value ...]
 # RAY_ADDRESS: the cluster's dashboard address (default http://127.0.0.1:8265).
+# JOB_ENV: environment of the job as a JSON object, e.g. '{"HF_HOME": "/shared/hf"}' (default none).
 # Ray 2.60 requires token authentication for job submission: with RAY_AUTH_MODE=token the
 # token is read from ~/.ray/auth_token (written by `ray start --head` with that mode), or from
 # RAY_AUTH_TOKEN. The working directory is uploaded to the cluster (--working-dir .).
@@ -18,5 +19,5 @@ export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 exec "$RAY" job submit \
   --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
   --working-dir . \
-  --runtime-env-json '{"excludes": [".venv", ".cache", "runs", ".git", "mlartifacts"]}' \
+  --runtime-env-json "{\"excludes\": [\".venv\", \".cache\", \"runs\", \".git\", \"mlartifacts\"], \"env_vars\": ${JOB_ENV:-{\}}}" \
   -- python -m pipeline.launch.cli train "$CONFIG" "$@"

@@ -185,6 +185,8 @@ class WorkersConfig:
     # Ray Train restarts of the worker group after a worker dies (-1: no limit); each resumes from the last checkpoint
     max_failures: Annotated[Integer, _must_be(">= 0 (or -1 for no limit)", lambda v: v >= -1)] = 0
     collective_timeout_s: Count = 1800  # a collective waiting this long for a vanished rank fails (a rank that raises ends the job at once)
+    # How Ray places the workers on nodes: PACK fills a node first; STRICT_SPREAD puts each on its own node.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass(config=_SECTION_RULES, frozen=True)
@@ -194,6 +196,8 @@ class TrackingConfig:
     run_name: Text | None = None
     offline: Flag = False  # run without MLflow (metrics only to stdout)
     register_as: Text | None = None  # register the exported adapter in MLflow's model registry under this name
+    # MLflow system metrics (CPU, memory, disk, network, GPU) every N seconds, one series per node; None: off
+    system_metrics_every_s: Annotated[Number, _must_be("> 0 or left out", lambda v: v > 0)] | None = None
 
     @field_validator("experiment")
     @classmethod

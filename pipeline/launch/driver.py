@@ -61,10 +61,16 @@ def _connect(cfg: RunConfig) -> bool:
     address = cfg.workers.address or os.environ.get("RAY_ADDRESS")
     # Ray Train turns a worker's print() into a log record on a console handler of its own, and
     # the worker's stderr reaches the driver too: every printed line would show twice.
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}}
-    if not env["env_vars"]["DS_ACCELERATOR"]:
-        del env["env_vars"]["DS_ACCELERATOR"]
+    env_vars = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}
+    if not env_vars["DS_ACCELERATOR"]:
+        del env_vars["DS_ACCELERATOR"]
+    # The reliability tests' injected faults (pipeline.training.faults) reach the workers too.
+    env_vars.update({k: v for k, v in os.environ.items() if k.startswith("TSD_INJECT_")})
+    # Inside a Ray job, Ray refuses a key the job's own runtime env sets as well; those reach
+    # every worker already, with the job's value.
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env") or {}
+    env = {"env_vars": {k: v for k, v in env_vars.items() if k not in (job_env.get("env_vars") or {})}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return False
@@ -119,7 +125,8 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
                 "cwd": os.getcwd(),
             },
             scaling_config=ScalingConfig(
-                num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker={"CPU": w.cpus_per_worker}
+                num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker={"CPU": w.cpus_per_worker},
+                placement_strategy=w.placement_strategy,
             ),
             # timeout_s: how long a collective waits for a vanished worker (workers.collective_timeout_s).
             torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo", timeout_s=w.collective_timeout_s),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,8 @@ from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.training.engine import (assert_partitioned, deepspeed_config, load_model, lr_lambda_factory,
                                       reset_optimizer_state, restart_schedule, seed_everything)
 from pipeline.training.faults import Faults
+from pipeline.training.nodes import (Node, check_shared_storage, gather_nodes, node_table, shared_folders,
+                                     start_system_metrics)
 from pipeline.training.rank_failure import on_peer_failure
 from pipeline.training.sharded_switch import sharded_switch
 from tsd.export import collect_state, save_adapter
@@ -102,6 +103,8 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     threads = cfg.workers.threads_per_worker or cfg.workers.cpus_per_worker
     torch.set_num_threads(max(1, threads))
     seed_everything(cfg.train.seed)
+    # Before anything is written: every node must see the folders ranks on other nodes write.
+    check_shared_storage(shared_folders(cfg), rank, world)
 
     # The run to log into: made by the driver; made here (rank 0 only) under a bare launcher.
     run_id = ctx.run_id
@@ -119,13 +122,21 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     stage = cfg.run_dir.resolve() / "mlflow-stage"  # where logs wait if the tracking server is away
     tracker = RunLogger(ctx.tracking_uri, run_id, enabled=(rank == 0 and run_id is not None), staging_dir=stage)
     tracker.verify()
+    nodes = gather_nodes(rank, world)
+    monitor = None
+    if cfg.tracking.system_metrics_every_s and not cfg.tracking.offline:
+        monitor = start_system_metrics(_shared_run_id(run_id, world), ctx.tracking_uri, nodes, rank,
+                                       cfg.tracking.system_metrics_every_s)
     try:
-        result = _train(cfg, ctx, tracker, rank, world)
+        result = _train(cfg, ctx, tracker, rank, world, nodes)
     except BaseException:
         if owns_run:
             tracker.flush()
             end_run(ctx.tracking_uri, run_id, "FAILED")
         raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
     tracker.close()
     if owns_run:
         end_run(ctx.tracking_uri, run_id, "FINISHED")
@@ -148,7 +159,7 @@ class Session:
     consumed_micro: int = 0  # micro-batches a resumed checkpoint already trained on
 
 
-def setup(cfg: RunConfig, tracker, rank: int, world: int) -> Session:
+def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> Session:
     """Model loaded partitioned, TSD layers injected, optimizer + schedule, DeepSpeed engine;
     then the newest whole checkpoint, if any, and the run's set-up logged to MLflow."""
     import deepspeed
@@ -176,10 +187,12 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int) -> Session:
     session = Session(engine, optimizer, scheduler, tokenizer, loader, ds_config, total_steps, sched_state, hf_ds)
     resume(session, cfg, tracker, world)
 
-    hosts = [socket.gethostname()] * world
-    if world > 1:
-        dist.all_gather_object(hosts, socket.gethostname())
-    tracker.set_tags({"hosts": ",".join(sorted(set(hosts))), "world_size": str(world)})
+    log(f"{world} rank(s) on {len(nodes)} node(s): " + "; ".join(f"{n.label()} ranks {n.ranks}" for n in nodes))
+    tracker.set_tags({"hosts": ",".join(n.label() for n in nodes), "nodes": str(len(nodes)), "world_size": str(world)})
+    if rank == 0:
+        cfg.run_dir.resolve().mkdir(parents=True, exist_ok=True)
+        write_json_atomic(cfg.run_dir.resolve() / "nodes.json", node_table(nodes))
+        tracker.log_artifact(cfg.run_dir.resolve() / "nodes.json", "nodes")
     tracker.log_dict(cfg.to_dict(), "config/run_config.json")
     tracker.log_dict(ds_config, "config/deepspeed_config.json")
     tracker.log_params({"total_steps": total_steps, "world_size": world, "trainable_params": injection.trainable_params,
@@ -207,8 +220,16 @@ def resume(session: Session, cfg: RunConfig, tracker, world: int) -> None:
     record_restart(tracker, engine.global_steps)
 
 
-def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int) -> TrainResult:
-    s = setup(cfg, tracker, rank, world)
+def _shared_run_id(run_id: str | None, world: int) -> str | None:
+    """The MLflow run id on every rank (under a bare launcher only rank 0 made it)."""
+    box = [run_id]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, nodes: list[Node]) -> TrainResult:
+    s = setup(cfg, tracker, rank, world, nodes)
     engine, total_steps, ckpt_dir = s.engine, s.total_steps, cfg.run_dir.resolve() / "checkpoints"
     result = TrainResult()
     accum = cfg.train.grad_accum

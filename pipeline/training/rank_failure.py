@@ -156,7 +156,9 @@ def end_job(exc: BaseException, code: int = 1, logged: bool = False) -> None:
         exit_now(code)
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     line = f"rank {rank} of {world} ({socket.gethostname()}) failed: {type(exc).__name__}: {first_line}"
-    stack = "".join(traceback.format_exception(exc))
+    # A user error (`logged`: the caller printed its message) is reported by its message alone,
+    # in torchrun's summary too; an unexpected one with its traceback.
+    stack = f"{type(exc).__name__}: {exc}" if logged else "".join(traceback.format_exception(exc))
     if not logged:
         sys.stderr.write(stack)
     log(f"error: {line}; stopping the job", all_ranks=True)
