@@ -187,14 +187,14 @@ def test_ray_job_across_two_nodes_equals_one_node(net, shared, cluster, referenc
     _assert_same_adapter(arts / "adapter", reference)
 
 
-def _torchrun_two_nodes(net: TwoHosts, shared: Path, cfg: Path, port: int, timeout: float = 400):
+def _torchrun_two_nodes(net: TwoHosts, shared: Path, cfg: Path, port: int, timeout: float = 400, env=None):
     head = net.address("head")
     procs = []
     for rank, host in enumerate(TwoHosts.NAMES):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                f"--node_rank={rank}", f"--master_addr={head}", f"--master_port={port}",
                "-m", "pipeline.launch.worker", str(cfg)]
-        procs.append(net.run(host, cmd, env=child_env(), cwd=ROOT, stdout=subprocess.PIPE,
+        procs.append(net.run(host, cmd, env=env or child_env(), cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout
     outs = []
@@ -270,3 +270,43 @@ def test_killed_worker_node_rejoins_and_the_run_resumes_to_the_same_adapter(net,
     assert run.info.status == "FINISHED" and int(run.data.tags.get("restarts", 0)) >= 1, out[-6000:]
     _assert_same_adapter(shared / "runs/ray-kill/adapter", reference)
     shutil.rmtree(shared / "runs/ray-kill/checkpoints", ignore_errors=True)
+
+
+def test_losing_the_tracking_server_mid_run_does_not_stop_two_node_training(net, shared, cluster):
+    """Rank 0 logs over HTTP from one host to the server on the other; the server goes away
+    after the first steps, training goes on and ends normally (the logger's outage path)."""
+    cfg = _with_tracking(_config(shared, "outage-2n", max_steps=8), cluster["mlflow"], "multinode")
+    server_env = {**cluster["env"], "MLFLOW_DIR": str(shared / "mlflow"), "HOST": net.address("head"), "PORT": "5000"}
+    log_dir = shared / "runs/outage-2n"
+
+    def stop_the_server_after_step_2():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not _logged_step(cluster, "outage-2n", 2):
+            time.sleep(0.2)
+        net.check("head", ["bash", str(ROOT / "launch/mlflow_server.sh"), "stop"], env=server_env, timeout=60)
+
+    import threading
+
+    stopper = threading.Thread(target=stop_the_server_after_step_2, daemon=True)
+    stopper.start()
+    try:
+        codes, outs = _torchrun_two_nodes(net, shared, cfg, port=29513, env=child_env(TSD_INJECT_STEP_DELAY_S="1"))
+        stopper.join(120)
+    finally:  # the server back for whatever runs after
+        net.check("head", ["bash", str(ROOT / "launch/mlflow_server.sh"), "start"], env=server_env, timeout=180)
+    out = "\n".join(outs)
+    assert codes == [0, 0], out[-6000:]
+    assert "MLflow is not reachable" in out, out[-6000:]
+    assert (log_dir / "adapter/adapter_model.safetensors").is_file() and (log_dir / "result.json").is_file()
+
+
+def _logged_step(cluster: dict, name: str, step: int) -> bool:
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient(cluster["store"])
+        exp = client.get_experiment_by_name("multinode")
+        runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == name]
+        return bool(runs) and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
+    except Exception:
+        return False

@@ -542,3 +542,14 @@ def test_a_ray_run_never_shows_the_password(server_with_password, tmp_path_facto
     assert run.data.params["tracking.uri"] == shown
     local = Path(client.download_artifacts(run.info.run_id, "config", str(wd / "dl")))
     assert shown in (local / "run_config.json").read_text()
+
+
+def test_close_run_against_a_dead_server_warns_with_the_password_masked_and_does_not_raise(caplog):
+    """The end of a finished run must not fail because the tracking server went away."""
+    from pipeline.tracking.store import close_run
+
+    uri = f"http://user:s3cret@127.0.0.1:{free_port()}"
+    with caplog.at_level(logging.WARNING):
+        assert close_run(uri, "0" * 32, "FINISHED") is False
+    text = caplog.text
+    assert "could not be marked FINISHED" in text and "s3cret" not in text and "user:***@" in text

@@ -25,7 +25,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline.config import RunConfig, from_dict
 from pipeline.logs import log
 from pipeline.tracking.secrets import mask_secrets
-from pipeline.tracking.store import end_run, start_run
+from pipeline.tracking.store import close_run, start_run
 from pipeline.training.loop import WorkerContext, train
 
 
@@ -149,6 +149,6 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
         return {"run_id": run_id, "metrics": metrics}
     finally:
         if run_id is not None:
-            end_run(tracking_uri, run_id, status)
+            close_run(tracking_uri, run_id, status)
         if started_here:
             ray.shutdown()

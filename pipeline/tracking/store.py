@@ -261,6 +261,26 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
         mlflow_client.set_terminated(run_id, status)
 
 
+def close_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> bool:
+    """`end_run` that never raises: at the end of training a tracking server that is away must
+    not turn a finished run into a failed job. MLflow's HTTP retries are capped (unless the
+    user set them) so a dead server costs seconds, not minutes; False (and a warning) when the
+    run could not be marked, e.g. it stays RUNNING in the UI while its logs wait staged."""
+    caps = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+    try:
+        with contextlib.ExitStack() as stack:
+            for name, value in caps.items():
+                if name not in os.environ:
+                    stack.enter_context(_env(name, value))
+            end_run(tracking_uri, run_id, status)
+        return True
+    except Exception as e:  # noqa: BLE001 - tracking never fails a run that has done its work
+        reason = mask_secrets(str(e).splitlines()[0] if str(e) else "")
+        log.warning("MLflow run %s could not be marked %s at %s (%s: %s)", run_id, status,
+                    mask_secrets(tracking_uri), type(e).__name__, reason)
+        return False
+
+
 @contextlib.contextmanager
 def _env(name: str, value: str):
     old = os.environ.get(name)

@@ -29,7 +29,7 @@ from pipeline.logs import log, setup_logging
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.registry import register_adapter
 from pipeline.tracking.secrets import mask_secrets
-from pipeline.tracking.store import client, end_run, start_run
+from pipeline.tracking.store import client, close_run, start_run
 from pipeline.training import rank_failure
 from pipeline.training.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
 from pipeline.training.distributed import leave_process_group, rank_and_world
@@ -118,7 +118,7 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
             params=cfg.to_dict(),
         )
         # Another rank's failure ends this one from a watcher thread (main_entry): close the run first.
-        on_peer_failure(lambda line: end_run(ctx.tracking_uri, run_id, "FAILED"))
+        on_peer_failure(lambda line: close_run(ctx.tracking_uri, run_id, "FAILED"))
     stage = cfg.run_dir.resolve() / "mlflow-stage"  # where logs wait if the tracking server is away
     tracker = RunLogger(ctx.tracking_uri, run_id, enabled=(rank == 0 and run_id is not None), staging_dir=stage)
     tracker.verify()
@@ -132,14 +132,14 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     except BaseException:
         if owns_run:
             tracker.flush()
-            end_run(ctx.tracking_uri, run_id, "FAILED")
+            close_run(ctx.tracking_uri, run_id, "FAILED")
         raise
     finally:
         if monitor is not None:
             monitor.finish()
     tracker.close()
     if owns_run:
-        end_run(ctx.tracking_uri, run_id, "FINISHED")
+        close_run(ctx.tracking_uri, run_id, "FINISHED")
     return result
 
 
