@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -568,3 +569,14 @@ def test_train_loader_resumes_mid_epoch_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)  # dropout's stream is the same resumed or not
     resumed.sampler.start_at(3, 0)  # the skip applies to one epoch only
     assert len(_ids_of(resumed)) == len(full_epoch)
+
+
+def test_the_default_cache_is_the_repository_s_own_dot_cache(monkeypatch):
+    """configs/*.yaml and launch/demo.sh name .cache/models/... and .cache/data/... under the
+    repository: the default must be that folder wherever prepare.py lives in the package."""
+    from pipeline.data.prepare import cache_root
+
+    monkeypatch.delenv("TSD_CACHE", raising=False)
+    repo = Path(__file__).resolve().parents[1]
+    assert cache_root() == repo / ".cache"
+    assert (repo / "configs/demo.yaml").read_text().count(".cache/") >= 2

