@@ -164,6 +164,8 @@ class TrainConfig:
     seed: Annotated[Integer, _must_be(f"in [0, {2**32 - 1}]", lambda v: 0 <= v < 2**32)] = 42  # numpy's range (random, torch: too)
     log_every: Count = 1  # the loop logs on step % log_every: 0 would divide by zero
     checkpoint_every: OptionalCount = None  # optimizer steps; None: only at the end
+    # the newest N checkpoints are kept, older ones deleted once a newer one is complete; None: keep all
+    keep_checkpoints: OptionalCount = 2
     eval_max_new_tokens: Count = 32
     eval_num_beams: Count = 4
     eval_limit: OptionalCount = None  # the first N rows of each test set

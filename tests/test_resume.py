@@ -32,7 +32,8 @@ def full_run(tmp_path_factory):
     make_tiny_model(wd / "model")
     cfg = tiny_config(wd / "model", wd / "runs", "full")
     cfg["method"].update(method="tsd", switch_step=2, dropout=0.1)
-    cfg["train"].update(max_steps=6, checkpoint_every=1, warmup_steps=2, schedule="linear", log_every=1)
+    cfg["train"].update(max_steps=6, checkpoint_every=1, keep_checkpoints=None, warmup_steps=2, schedule="linear",
+                        log_every=1)
     cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment="resume")
     path = wd / "full.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -68,6 +69,26 @@ def test_lora_init_restarts_the_schedule_at_the_step_after_the_switch(full_run):
         assert got[s] == pytest.approx(want[s], rel=1e-6), f"step {s}: lr {got[s]} != intended {want[s]}"
 
 
+def test_checkpoints_hold_no_base_weight(full_run):
+    """Lean checkpoints: adapter tensors, TSD buffers, optimizer, schedule, RNG, data position,
+    and not one frozen base weight (after LoRA-Init too: the residual is rebuilt at resume)."""
+    from pipeline.training.checkpoint import LEAN, weights_only_checkpoint_engine
+
+    wd, _ = full_run
+    loader = weights_only_checkpoint_engine(None)
+    base = load_file(str(wd / "model/model.safetensors"))
+    for tag in ("step1", "step3", "step6"):
+        for rank in (0, 1):
+            state = loader.load(str(wd / f"runs/full/checkpoints/{tag}/zero_pp_rank_{rank}_mp_rank_00_model_states.pt"))
+            assert state.get(LEAN) is True and not state.get("frozen_param_fragments")
+            frozen = [k for k in state["module"] if not k.endswith(("lora_A", "lora_B"))
+                      and not any(b in k for b in ("dash_", "init_"))]
+            assert frozen == [], frozen[:5]
+    ckpt_bytes = sum(f.stat().st_size for f in (wd / "runs/full/checkpoints/step6").iterdir())
+    base_bytes = sum(t.numel() * t.element_size() for t in base.values())
+    print(f"checkpoint step6: {ckpt_bytes} bytes (2 ranks); base model: {base_bytes} bytes")
+
+
 @pytest.mark.parametrize("stop_at", [1, 3, 5], ids=["before-switches", "between-init-and-dash", "after-switches"])
 def test_resumed_run_ends_with_the_uninterrupted_adapter(full_run, stop_at):
     wd, cfg = full_run
@@ -89,3 +110,39 @@ def test_resumed_run_ends_with_the_uninterrupted_adapter(full_run, stop_at):
     assert int(got["model.layers.0.self_attn.q_proj.dash_step"]) == 4
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_every_random_generator_a_rank_uses_is_saved_and_restored(tmp_path):
+    """torch (CPU and each CUDA device), Python's random and NumPy's global generator."""
+    import random
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from pipeline.training.checkpoint import restore_rng, rng_state
+
+    random.gauss(0, 1)  # a cached Gaussian in Python's state too
+    tensors, meta = rng_state()
+    save_file(tensors, str(tmp_path / "rng_rank0.safetensors"), metadata=meta)
+    want = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand(2).tolist())
+    torch.manual_seed(123), random.seed(5), np.random.seed(7)
+    restore_rng(tmp_path)
+    got = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand(2).tolist())
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+def test_retention_keeps_the_newest_tags_and_never_the_one_latest_does_not_name_yet(tmp_path):
+    """train.keep_checkpoints: older tags go only after a newer one is complete (`latest` moved
+    to it); a save that crashed part-way leaves `latest` on the previous tag, which stays."""
+    from pipeline.training.checkpoint import prune_checkpoints
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        (ckpt / f"step{step}").mkdir(parents=True)
+    (ckpt / "latest").write_text("step4")
+    assert prune_checkpoints(ckpt, 2) == ["step1", "step2"]
+    assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["step3", "step4"]
+    (ckpt / "step5").mkdir()  # being written when the process died: `latest` still says step4
+    assert prune_checkpoints(ckpt, 1) == ["step3"]
+    assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["step4", "step5"]
+    assert prune_checkpoints(ckpt, None) == []

@@ -23,7 +23,7 @@ from torch import nn
 from tsd.config import TSDConfig
 from tsd.directions import Decomposition, LayerDirections, layer_directions
 from tsd.inject import tsd_layers
-from tsd.layer import TSDLinear
+from tsd.layer import TSDLinear, subtract_update_
 from tsd.partition import full_shape, gathered, set_master_copy
 
 DASH = "dash"
@@ -101,6 +101,17 @@ class Init:
         """What a report keeps of the installed selection: a copy (U_r, V_r are nowhere else)."""
         return LayerDirections(d.name, d.indices.clone(), d.sigma.clone(), d.U.clone(), d.V.clone(),
                                d.change_rates.clone())
+
+    def rebuild_residual(self, layer: TSDLinear, modifier_rank: int | None = 0) -> None:
+        """The residual base W - scaling B0 A0 again, from the ORIGINAL weight in the layer and the
+        stored init_A0/init_B0: what a checkpoint without the frozen base needs at resume. The same
+        arithmetic as the switch (subtract_update_), so bit for bit when A0, B0 are stored in the
+        precision the switch computed them in (float32); in bf16 they were rounded once, and the
+        residual differs from the switch's by that rounding times B0 A0. Collective under ZeRO-3."""
+        if not layer.init_done:
+            return
+        with gathered([layer.base_layer.weight], modifier_rank=modifier_rank):
+            subtract_update_(layer.base_layer.weight, layer.init_B0.float(), layer.init_A0.float(), layer.scaling)
 
 
 KINDS: dict[str, Dash | Init] = {DASH: Dash(), INIT: Init()}

@@ -11,24 +11,36 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
+import shutil
 import zipfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+try:  # NumPy is optional for torch; its generator is saved when it is there
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
 
 from pipeline.logs import log
 from pipeline.training.distributed import rank_and_world
+from tsd.inject import tsd_layers
+from tsd.switch import INIT, switch_kind
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_state: dict) -> None:
+def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_state: dict,
+                    keep: int | None = None) -> None:
     """A DeepSpeed checkpoint (module incl. the TSD buffers, optimizer, schedule) plus the data
     position and this rank's RNG state (dropout), so a resumed run continues bit for bit."""
     tag = f"step{step}"
     rank, _ = rank_and_world()
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
-    save_file({"torch": torch.get_rng_state()}, str(ckpt_dir / tag / f"rng_rank{rank}.safetensors"))
+    tensors, meta = rng_state()
+    save_file(tensors, str(ckpt_dir / tag / f"rng_rank{rank}.safetensors"), metadata=meta)
     # DeepSpeed's code writes its `latest` on rank 0 right after rank 0's own files, before its
     # closing barrier (in 0.18 the ranks happen to be in step by then, but nothing promises it).
     # Once save_checkpoint returns, every rank's files are complete: only then is `latest`
@@ -36,14 +48,53 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
     engine.save_checkpoint(
         str(ckpt_dir),
         tag=tag,
-        client_state={"consumed_micro_batches": micro_index, "phase_start": sched_state["phase_start"]},
+        client_state={"consumed_micro_batches": micro_index, "phase_start": sched_state["phase_start"],
+                      LEAN: True},
         save_latest=False,
+        # Lean: the frozen base is never written (it is the model folder's, or after LoRA-Init the
+        # residual rebuilt from it and init_A0/init_B0 at resume: rebuild_after_resume).
+        exclude_frozen_parameters=True,
     )
     if rank == 0:
         pending = ckpt_dir / "latest.tmp"
         pending.write_text(tag)
         os.replace(pending, ckpt_dir / "latest")
     log(f"checkpoint {tag} written to {ckpt_dir}")
+    deleted = prune_checkpoints(ckpt_dir, keep)
+    if deleted:
+        log(f"deleted older checkpoint(s) {', '.join(deleted)} (train.keep_checkpoints: {keep})")
+
+
+LEAN = "frozen_base_not_saved"  # client-state key of a checkpoint without the frozen base
+
+
+def rebuild_after_resume(model, client_state: dict) -> int:
+    """After loading a lean checkpoint, the base weights are the model folder's: make each
+    LoRA-Init layer's base the residual again. Every rank, same order. Returns the layers rebuilt."""
+    if not client_state.get(LEAN):
+        return 0  # an older checkpoint: it carried the residual base itself
+    init = switch_kind(INIT)
+    rebuilt = 0
+    for _, layer in tsd_layers(model):
+        if layer.init_done:
+            init.rebuild_residual(layer)
+            rebuilt += 1
+    return rebuilt
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int | None) -> list[str]:
+    """Delete all but the newest `keep` stepN tags (rank 0, after a save has completed on every
+    rank, so the newest is whole before anything older goes; `latest` always names a kept one).
+    Returns the tags deleted."""
+    rank, _ = rank_and_world()
+    if keep is None or rank != 0 or not ckpt_dir.is_dir():
+        return []
+    tags = sorted((d.name for d in ckpt_dir.iterdir() if d.is_dir() and _step_of(d.name) is not None), key=_step_of)
+    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    doomed = [t for t in tags[:-keep] if t != latest]
+    for tag in doomed:
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    return doomed
 
 
 def weights_only_checkpoint_engine(current):
@@ -176,8 +227,41 @@ def choose_resume_tag(ckpt_dir: Path, rank: int, world: int, bf16: bool = False)
     return good[0]
 
 
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every random generator this rank draws from, as tensors + metadata (safetensors: no
+    pickle): torch's CPU generator, each CUDA device's, Python's `random` and NumPy's global one
+    (data code and libraries may use them)."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            tensors[f"cuda.{i}"] = torch.cuda.get_rng_state(i)
+    version, internal, gauss = random.getstate()
+    tensors["python"] = torch.tensor(internal, dtype=torch.int64)
+    meta = {"python_version": str(version), "python_gauss": repr(gauss)}
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
+        meta.update(numpy_kind=kind, numpy_pos=str(pos), numpy_has_gauss=str(has_gauss), numpy_cached=repr(cached))
+    return tensors, meta
+
+
 def restore_rng(ckpt_path: Path) -> None:
+    """Put back every generator `rng_state` saved for this rank (older checkpoints: torch's only)."""
     rank, _ = rank_and_world()
     f = ckpt_path / f"rng_rank{rank}.safetensors"
-    if f.is_file():
-        torch.set_rng_state(load_file(str(f))["torch"])
+    if not f.is_file():
+        return
+    tensors = load_file(str(f))
+    with safe_open(str(f), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    torch.set_rng_state(tensors["torch"])
+    for name, state in tensors.items():
+        if name.startswith("cuda.") and torch.cuda.is_available() and int(name[5:]) < torch.cuda.device_count():
+            torch.cuda.set_rng_state(state, int(name[5:]))
+    if "python" in tensors:
+        gauss = meta.get("python_gauss", "None")
+        random.setstate((int(meta["python_version"]), tuple(tensors["python"].tolist()),
+                         None if gauss == "None" else float(gauss)))
+    if "numpy" in tensors and np is not None:
+        np.random.set_state((meta["numpy_kind"], tensors["numpy"].numpy().astype(np.uint32), int(meta["numpy_pos"]),
+                             int(meta["numpy_has_gauss"]), float(meta["numpy_cached"])))

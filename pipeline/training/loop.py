@@ -31,7 +31,8 @@ from pipeline.tracking.registry import register_adapter
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import client, close_run, start_run
 from pipeline.training import rank_failure
-from pipeline.training.checkpoint import choose_resume_tag, restore_rng, save_checkpoint, weights_only_checkpoint_engine
+from pipeline.training.checkpoint import (choose_resume_tag, rebuild_after_resume, restore_rng, save_checkpoint,
+                                         weights_only_checkpoint_engine)
 from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.training.engine import (assert_partitioned, deepspeed_config, load_model, lr_lambda_factory,
                                       reset_optimizer_state, restart_schedule, seed_everything)
@@ -208,9 +209,13 @@ def resume(session: Session, cfg: RunConfig, tracker, world: int) -> None:
     if tag is None:
         return
     engine = session.engine
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    # Not strict: a lean checkpoint has no frozen base (the model folder's weights stay).
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
+    rebuilt = rebuild_after_resume(engine.module, client)
+    if rebuilt:
+        log(f"LoRA-Init residual base rebuilt from the model folder and init_A0/init_B0 in {rebuilt} layers")
     session.consumed_micro = int(client.get("consumed_micro_batches", 0))
     session.sched_state["phase_start"] = int(client.get("phase_start", 0))
     restore_rng(ckpt_dir / tag)
@@ -288,7 +293,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
             ctx.faults.after_step()
             run_due_switches(s, cfg, ctx, tracker, step, result)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint(engine, ckpt_dir, step, micro_index, s.sched_state)
+                save_checkpoint(engine, ckpt_dir, step, micro_index, s.sched_state, cfg.train.keep_checkpoints)
             step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
             if step >= total_steps:
                 done = True
@@ -296,7 +301,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
         epoch += 1  # optimizer_steps refused data without a full step per epoch: this ends
 
     result.steps = engine.global_steps
-    save_checkpoint(engine, ckpt_dir, result.steps, micro_index, s.sched_state)
+    save_checkpoint(engine, ckpt_dir, result.steps, micro_index, s.sched_state, cfg.train.keep_checkpoints)
     return finish(s, cfg, ctx, tracker, result)
 
 
