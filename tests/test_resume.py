@@ -146,3 +146,29 @@ def test_retention_keeps_the_newest_tags_and_never_the_one_latest_does_not_name_
     assert prune_checkpoints(ckpt, 1) == ["step3"]
     assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["step4", "step5"]
     assert prune_checkpoints(ckpt, None) == []
+
+
+def test_cpu_offload_trains_switches_exports_and_resumes_like_the_plain_run(full_run):
+    """configs/deepspeed/zero3_offload.json (parameters and optimizer state offloaded to CPU):
+    the same LoRA-TSD run through both switches and the export, and a resume after the Init
+    switch from its lean checkpoint, end with the plain ZeRO-3 run's adapter."""
+    wd, cfg = full_run
+    want = load_file(str(wd / "runs/full/adapter/tsd_state.safetensors"))
+    for name, stop_at in (("offload", None), ("offload-resumed", 3)):
+        run = {**cfg, "name": name, "tracking": {**cfg["tracking"], "offline": True},
+               "deepspeed": {**cfg["deepspeed"], "config": str(ROOT / "configs/deepspeed/zero3_offload.json")}}
+        if stop_at is not None:
+            ckpt = wd / "runs" / name / "checkpoints"
+            shutil.copytree(wd / "runs/offload/checkpoints", ckpt)
+            for later in range(stop_at + 1, 7):
+                shutil.rmtree(ckpt / f"step{later}", ignore_errors=True)
+            (ckpt / "latest").write_text(f"step{stop_at}")
+        path = wd / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(run))
+        proc = _worker(path)
+        if stop_at is not None:
+            assert f"at optimizer step {stop_at}" in proc.stderr
+        got = load_file(str(wd / "runs" / name / "adapter/tsd_state.safetensors"))
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=f"{name}: {k}")

@@ -53,6 +53,14 @@ def local_part(param: torch.Tensor) -> torch.Tensor:
     return local[: max(0, min(local.numel(), param.ds_numel - start))]
 
 
+def comm_device() -> torch.device:
+    """Where tensors must be for this process group's collectives: the current GPU under NCCL,
+    else the CPU (gloo)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather_to(params: Sequence[torch.Tensor], dst: int) -> list[torch.Tensor] | None:
     """The full tensors on rank `dst` only (None elsewhere), in one collective; every rank
     must call it with the same parameters.
@@ -68,9 +76,11 @@ def gather_to(params: Sequence[torch.Tensor], dst: int) -> list[torch.Tensor] | 
         return [p.data for p in params] if _rank() == dst else None
     if not all(is_partitioned(p) for p in params):
         raise ValueError("gather_to: either all or none of the parameters must be ZeRO-3 partitioned")
-    # Bytes, so that parameters of different dtypes travel together.
+    # Bytes, so that parameters of different dtypes travel together; on the device the backend
+    # needs (NCCL: the rank's GPU, also when ZeRO-3 offloads the shards to CPU memory).
+    device = comm_device()
     local = [p.ds_tensor.data.reshape(-1).view(torch.uint8) for p in params]
-    send = local[0] if len(local) == 1 else torch.cat(local)
+    send = (local[0] if len(local) == 1 else torch.cat(local)).to(device)
     if dist.get_rank() != dst:
         dist.gather(send, None, dst=dst)
         return None

@@ -31,7 +31,7 @@ from pipeline.training.distributed import rank_and_world
 from pipeline.training.faults import NO_FAULTS, Faults
 from tsd.directions import Decomposition, LayerDirections, decompose, layer_directions
 from tsd.inject import tsd_layers
-from tsd.partition import full_shape, gather_to, local_part
+from tsd.partition import comm_device, full_shape, gather_to, local_part
 from tsd.plan import plan_loads, shard_plan
 from tsd.svd_cache import SVDCache, part_digest, partition_key, weight_key
 from tsd.switch import SwitchItem, switch_items, switch_kind
@@ -48,12 +48,6 @@ class SwitchReport:
     cache_hits: int = 0
     plan_loads: list[int] = field(default_factory=list)
     directions: list[LayerDirections] = field(default_factory=list)
-
-
-def _comm_device() -> torch.device:
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _selection_size(item: SwitchItem) -> int:
@@ -171,7 +165,7 @@ class _ShardedSwitch:
         self.report = SwitchReport(kind=kind, step=step, world_size=self.world,
                                    plan_loads=plan_loads(self.items, self.owner, self.world))
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[svd_dtype]
-        self.device = _comm_device()
+        self.device = comm_device()
         # Each rank's queue in descending cost (the plan's order), so the items of one round are
         # of like size and no rank waits long for another's SVD before the next round's gather.
         self.queues = [sorted((i for i in range(len(self.items)) if self.owner[i] == k),
