@@ -63,9 +63,9 @@ def make_tiny_model(path: Path) -> Path:
     return make_model_dir(path, texts=[generate_prompt(r["instruction"], r.get("input"), r["output"]) for r in rows])
 
 
-def torchrun_worker(cfg: Path, timeout: int = 400, **env) -> subprocess.CompletedProcess:
-    """`python -m pipeline.launch.worker CFG` on 2 CPU ranks under torchrun."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+def torchrun_worker(cfg: Path, timeout: int = 400, nproc: int = 2, **env) -> subprocess.CompletedProcess:
+    """`python -m pipeline.launch.worker CFG` on `nproc` (2) CPU ranks under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "pipeline.launch.worker", str(cfg)]
     return run_group(cmd, cwd=ROOT, env=child_env(**env), timeout=timeout)
 

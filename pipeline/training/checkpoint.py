@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover
 
 from pipeline.logs import log
 from pipeline.training.distributed import rank_and_world
+from pipeline.training.reshard import read_layout, write_layout
 from tsd.inject import tsd_layers
 from tsd.switch import INIT, switch_kind
 
@@ -35,9 +36,10 @@ from tsd.switch import INIT, switch_kind
 def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_state: dict,
                     keep: int | None = None) -> None:
     """A DeepSpeed checkpoint (module incl. the TSD buffers, optimizer, schedule) plus the data
-    position and this rank's RNG state (dropout), so a resumed run continues bit for bit."""
+    position and this rank's RNG state (dropout), so a resumed run continues bit for bit; and
+    the tag's layout (world size, batch settings), so it can resume on another world size."""
     tag = f"step{step}"
-    rank, _ = rank_and_world()
+    rank, world = rank_and_world()
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
     tensors, meta = rng_state()
     save_file(tensors, str(ckpt_dir / tag / f"rng_rank{rank}.safetensors"), metadata=meta)
@@ -56,6 +58,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
         exclude_frozen_parameters=True,
     )
     if rank == 0:
+        write_layout(ckpt_dir / tag, world, engine.train_micro_batch_size_per_gpu(),
+                     engine.gradient_accumulation_steps())
         pending = ckpt_dir / "latest.tmp"
         pending.write_text(tag)
         os.replace(pending, ckpt_dir / "latest")
@@ -170,16 +174,22 @@ def _is_whole_file(path: Path) -> bool:
         return False
 
 
-def tag_problem(tag_dir: Path, rank: int, bf16: bool) -> str | None:
+def tag_problem(tag_dir: Path, rank: int, bf16: bool, world: int | None = None) -> str | None:
     """Why this rank cannot resume from `tag_dir` (a missing, empty or truncated file), or None.
 
-    Each rank checks only its own files (ZeRO-3 loads each rank's partition from its own
-    files, and on several nodes without a shared disk a rank sees only its node's files)."""
+    On the world size that wrote it, each rank checks only its own files (ZeRO-3 loads each
+    rank's partition from its own files). On another world size every rank reads every old
+    rank's optimizer file and old rank 0's model file (pipeline.training.reshard)."""
     if not tag_dir.is_dir():
         return f"{tag_dir} does not exist"
-    optim = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
-             f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
-    wanted = [[f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"], optim, [f"rng_rank{rank}.safetensors"]]
+    try:
+        saved = read_layout(tag_dir).world_size
+    except ValueError as e:
+        return str(e)
+    if world is None or world == saved:
+        wanted = _rank_files(rank, bf16)
+    else:
+        wanted = [[f"zero_pp_rank_0_mp_rank_00_model_states.pt"]] + [_rank_files(r, bf16)[1] for r in range(saved)]
     for names in wanted:
         present = [tag_dir / n for n in names if (tag_dir / n).exists()]
         if not present:
@@ -187,6 +197,14 @@ def tag_problem(tag_dir: Path, rank: int, bf16: bool) -> str | None:
         if not _is_whole_file(present[0]):
             return f"{present[0]} is empty or truncated"
     return None
+
+
+def _rank_files(rank: int, bf16: bool) -> list[list[str]]:
+    """The files one rank writes; a file is one of the names in a list (bf16 optimizer files
+    carry a prefix)."""
+    optim = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+             f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
+    return [[f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"], optim, [f"rng_rank{rank}.safetensors"]]
 
 
 def choose_resume_tag(ckpt_dir: Path, rank: int, world: int, bf16: bool = False) -> str | None:
@@ -209,7 +227,7 @@ def choose_resume_tag(ckpt_dir: Path, rank: int, world: int, bf16: bool = False)
         candidates = box[0]
     if not candidates:
         return None
-    problems = [tag_problem(ckpt_dir / t, rank, bf16) for t in candidates]
+    problems = [tag_problem(ckpt_dir / t, rank, bf16, world) for t in candidates]
     bad = torch.tensor([0.0 if p is None else 1.0 for p in problems])
     if world > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)

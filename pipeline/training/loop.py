@@ -40,6 +40,7 @@ from pipeline.training.faults import Faults
 from pipeline.training.nodes import (Node, check_shared_storage, gather_nodes, node_table, shared_folders,
                                      start_system_metrics)
 from pipeline.training.rank_failure import on_peer_failure
+from pipeline.training.reshard import Layout, keep_global_batch, load_resharded, map_data_position, read_layout
 from pipeline.training.sharded_switch import sharded_switch
 from tsd.export import collect_state, save_adapter
 from tsd.inject import inject, tsd_layers
@@ -148,6 +149,7 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
 class Session:
     """What set-up builds and the loop runs on (one per process and run)."""
 
+    cfg: RunConfig  # the run config, with train.grad_accum adapted when resuming on another world size
     engine: Any
     optimizer: Any
     scheduler: Any
@@ -166,6 +168,14 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     import deepspeed
 
     ds_config = deepspeed_config(cfg)
+    # The checkpoint to resume from is chosen before the engine exists: one written by another
+    # number of ranks changes train.grad_accum (the same global batch), hence the engine's config.
+    bf16 = ds_config.get("bf16", {}).get("enabled") is True
+    tag = choose_resume_tag(cfg.run_dir.resolve() / "checkpoints", rank, world, bf16=bf16)
+    saved = read_layout(cfg.run_dir.resolve() / "checkpoints" / tag) if tag else None
+    if saved is not None and saved.world_size != world:
+        cfg = keep_global_batch(cfg, saved, world)
+        ds_config = deepspeed_config(cfg)
     t0 = time.perf_counter()
     model, tokenizer, hf_ds = load_model(cfg, ds_config)
     assert_partitioned(model)
@@ -185,8 +195,9 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)
-    session = Session(engine, optimizer, scheduler, tokenizer, loader, ds_config, total_steps, sched_state, hf_ds)
-    resume(session, cfg, tracker, world)
+    session = Session(cfg, engine, optimizer, scheduler, tokenizer, loader, ds_config, total_steps, sched_state, hf_ds)
+    if tag is not None:
+        resume(session, tag, saved, len(dataset), tracker)
 
     log(f"{world} rank(s) on {len(nodes)} node(s): " + "; ".join(f"{n.label()} ranks {n.ranks}" for n in nodes))
     tracker.set_tags({"hosts": ",".join(n.label() for n in nodes), "nodes": str(len(nodes)), "world_size": str(world)})
@@ -196,29 +207,44 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
         tracker.log_artifact(cfg.run_dir.resolve() / "nodes.json", "nodes")
     tracker.log_dict(cfg.to_dict(), "config/run_config.json")
     tracker.log_dict(ds_config, "config/deepspeed_config.json")
-    tracker.log_params({"total_steps": total_steps, "world_size": world, "trainable_params": injection.trainable_params,
-                        "trainable_percent": round(injection.trainable_percent, 6)})
+    if saved is None or saved.world_size == world:
+        tracker.log_params({"total_steps": total_steps, "world_size": world,
+                            "trainable_params": injection.trainable_params,
+                            "trainable_percent": round(injection.trainable_percent, 6)})
+    else:  # MLflow params cannot change within a run: the new world size is a tag
+        tracker.set_tags({"resharded": f"{saved.world_size} -> {world} ranks at step {session.engine.global_steps}"})
     return session
 
 
-def resume(session: Session, cfg: RunConfig, tracker, world: int) -> None:
-    """Load the newest checkpoint every rank has whole (TSD state rides in the module buffers)."""
-    rank, _ = rank_and_world()
+def resume(session: Session, tag: str, saved: Layout, n_examples: int, tracker) -> None:
+    """Load checkpoint `tag` (every rank has it whole; TSD state rides in the module buffers):
+    with DeepSpeed's own loader on the world size that wrote it, resharded on any other."""
+    rank, world = rank_and_world()
+    cfg, engine = session.cfg, session.engine
     ckpt_dir = cfg.run_dir.resolve() / "checkpoints"
-    tag = choose_resume_tag(ckpt_dir, rank, world, bf16=session.ds_config.get("bf16", {}).get("enabled") is True)
-    if tag is None:
-        return
-    engine = session.engine
-    # Not strict: a lean checkpoint has no frozen base (the model folder's weights stay).
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
+    if saved.world_size == world:
+        # Not strict: a lean checkpoint has no frozen base (the model folder's weights stay).
+        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
+    else:
+        path = ckpt_dir / tag
+        client = load_resharded(engine, path, saved, bf16=session.ds_config.get("bf16", {}).get("enabled") is True)
     rebuilt = rebuild_after_resume(engine.module, client)
     if rebuilt:
         log(f"LoRA-Init residual base rebuilt from the model folder and init_A0/init_B0 in {rebuilt} layers")
     session.consumed_micro = int(client.get("consumed_micro_batches", 0))
+    if saved.world_size != world:
+        mbs = cfg.train.micro_batch_size
+        old_epoch = micro_batches_per_epoch(n_examples, saved.world_size, saved.micro_batch_size or mbs)
+        session.consumed_micro = map_data_position(session.consumed_micro, saved, old_epoch, world, mbs,
+                                                   len(session.loader))
     session.sched_state["phase_start"] = int(client.get("phase_start", 0))
-    restore_rng(ckpt_dir / tag)
+    if rank < saved.world_size:
+        restore_rng(ckpt_dir / tag)
+    else:
+        log(f"rank {rank} did not exist in the {saved.world_size}-rank checkpoint: its random generators start "
+            f"from the seed", all_ranks=True)
     log(f"resumed from {path} at optimizer step {engine.global_steps}")
     # A resume in the same MLflow run (a Ray Train worker restart, or the same command rerun
     # after a crash) is recorded, so a run's history shows it was stitched together.
@@ -235,6 +261,7 @@ def _shared_run_id(run_id: str | None, world: int) -> str | None:
 
 def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, nodes: list[Node]) -> TrainResult:
     s = setup(cfg, tracker, rank, world, nodes)
+    cfg = s.cfg  # train.grad_accum may differ: a checkpoint of another world size keeps its global batch
     engine, total_steps, ckpt_dir = s.engine, s.total_steps, cfg.run_dir.resolve() / "checkpoints"
     result = TrainResult()
     accum = cfg.train.grad_accum

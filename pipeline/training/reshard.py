@@ -1,0 +1,227 @@
+"""Resume a checkpoint on a different number of ranks (a job restarted on fewer or more GPUs/nodes).
+
+DeepSpeed's ZeRO-3 loader only takes back a checkpoint written by as many ranks as are loading
+it: each rank's file holds that rank's flat slice of every trainable parameter and of its Adam
+moments. What a PEFT run trains is small (the adapter, not the base), so here every new rank
+reads all the old ranks' files, puts the full tensors back together and keeps its own new slice:
+
+- the trainable parameters' fp32 master copy and Adam's `exp_avg`/`exp_avg_sq`, per parameter
+  name, cut out of the old flat slices (ZeRO-3 slices each parameter into `ceil(numel/world)`
+  pieces, padded at the end, and lays the parameters one after another in the order of the
+  checkpoint's `param_shapes`), then handed to DeepSpeed's `safe_set_full_*` API, which keeps the
+  new rank's share; the module's own (compute-precision) slice is set from the same values;
+- Adam's step count, the learning-rate schedule, the engine's step and sample counters and the
+  loss scaler, from old rank 0's files;
+- the TSD buffers (the switches' state: selected directions, LoRA-Init's A0/B0, step flags),
+  which ZeRO-3 never partitions, from old rank 0's module state.
+
+The data position is mapped by `map_data_position` and the global batch is kept when the new
+world divides it (`keep_global_batch`); README "Resuming on a different number of ranks" says what
+is exact and what is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.logs import log
+
+LAYOUT_FILE = "layout.json"  # per tag: how many ranks wrote it, with which batch settings
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a checkpoint was made: what a resume on another world size needs before it starts."""
+
+    world_size: int
+    micro_batch_size: int | None = None
+    grad_accum: int | None = None
+
+    @property
+    def global_batch(self) -> int | None:
+        if self.micro_batch_size is None or self.grad_accum is None:
+            return None
+        return self.world_size * self.micro_batch_size * self.grad_accum
+
+
+def write_layout(tag_dir: Path, world: int, micro_batch_size: int, grad_accum: int) -> None:
+    """Rank 0, after every rank's files of the tag are complete (written before `latest` moves)."""
+    tmp = tag_dir / f".{LAYOUT_FILE}.tmp"
+    tmp.write_text(json.dumps({"world_size": world, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum}))
+    tmp.replace(tag_dir / LAYOUT_FILE)
+
+
+def read_layout(tag_dir: Path) -> Layout:
+    """The tag's layout; a checkpoint from before layout.json existed is counted by its files."""
+    path = tag_dir / LAYOUT_FILE
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+            return Layout(int(raw["world_size"]), int(raw["micro_batch_size"]), int(raw["grad_accum"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint {tag_dir}: {LAYOUT_FILE} is unreadable ({e})") from None
+    ranks = len(list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")))
+    return Layout(max(ranks, 1))
+
+
+def keep_global_batch(cfg, saved: Layout, world: int):
+    """The run config for resuming a checkpoint of `saved.world_size` ranks on `world` ranks:
+    `train.grad_accum` changed so that world x micro batch x accumulation is the checkpoint's
+    global batch, when `world` divides it (then each optimizer step sees the same examples as it
+    would have before). Otherwise the config is returned as it is and the change is logged."""
+    t = cfg.train
+    if world == saved.world_size:
+        return cfg
+    if saved.global_batch is None:
+        log(f"WARNING: the {saved.world_size}-rank checkpoint does not say its batch settings (written before "
+            f"{LAYOUT_FILE} existed); train.grad_accum stays {t.grad_accum}")
+        return cfg
+    per_step = world * t.micro_batch_size
+    if saved.global_batch % per_step == 0:
+        accum = saved.global_batch // per_step
+        if accum != t.grad_accum:
+            log(f"resuming {saved.world_size}-rank checkpoint on {world} rank(s): train.grad_accum {t.grad_accum} -> "
+                f"{accum}, keeping the global batch of {saved.global_batch} examples per optimizer step")
+        return dataclasses.replace(cfg, train=dataclasses.replace(t, grad_accum=accum))
+    log(f"WARNING: resuming a {saved.world_size}-rank checkpoint on {world} rank(s): the global batch of "
+        f"{saved.global_batch} is not a multiple of {world} rank(s) x micro batch {t.micro_batch_size}; it becomes "
+        f"{per_step * t.grad_accum} per optimizer step from here on")
+    return cfg
+
+
+def map_data_position(consumed_micro: int, saved: Layout, saved_epoch_len: int, world: int, micro_batch_size: int,
+                      epoch_len: int) -> int:
+    """The micro-batches this rank has "consumed" in the new world, for the same point in the data.
+
+    The sampler gives every rank every world-th example of the same shuffled epoch, so after k
+    micro-batches per rank the ranks together have used exactly the first k x world x micro batch
+    examples of the epoch's order, whatever the world. The epoch and that example count carry
+    over; the new ranks skip the same examples (rounded down to whole micro-batches: a few
+    examples may be seen again, never skipped)."""
+    epoch, done = divmod(consumed_micro, max(saved_epoch_len, 1))
+    examples = done * saved.world_size * (saved.micro_batch_size or micro_batch_size)
+    mapped = examples // (world * micro_batch_size)
+    if mapped >= epoch_len:  # the new world uses fewer of the epoch's examples: the epoch is over
+        return (epoch + 1) * epoch_len
+    return epoch * epoch_len + mapped
+
+
+# ----------------------------------------------------------------------------- the tensors
+def _load(path: Path):
+    from pipeline.training.checkpoint import weights_only_checkpoint_engine  # its safe loader
+
+    return weights_only_checkpoint_engine(None).load(str(path), map_location="cpu")
+
+
+def _partition_numel(numel: int, world: int) -> int:
+    return math.ceil(numel / world)
+
+
+def full_trainable_state(tag_dir: Path, saved: Layout, bf16: bool) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(old rank 0's model-states dict, {key: {param name: full tensor}}) for key in fp32,
+    exp_avg, exp_avg_sq: the old ranks' flat slices put back together."""
+    model0 = _load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    shapes = {name: tuple(shape) for group in model0["param_shapes"] for name, shape in group.items()}
+    flats: dict[str, list[torch.Tensor]] = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
+    optim0 = None
+    for rank in range(saved.world_size):
+        names = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                 f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
+        path = next((tag_dir / n for n in names if (tag_dir / n).is_file()), tag_dir / names[-1])
+        osd = _load(path)["optimizer_state_dict"]
+        optim0 = optim0 or osd
+        groups = osd["fp32_flat_groups"]
+        states = osd["optimizer_state_dict"]["state"]
+        flats["fp32"].append(torch.cat([g.reshape(-1).float() for g in groups]))
+        for key in ("exp_avg", "exp_avg_sq"):
+            flats[key].append(torch.cat([states[i][key].reshape(-1).float() for i in range(len(groups))]))
+    full: dict[str, dict[str, torch.Tensor]] = {key: {} for key in flats}
+    offset = 0
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        part = _partition_numel(numel, saved.world_size)
+        for key, per_rank in flats.items():
+            pieces = [flat[offset : offset + part] for flat in per_rank]
+            full[key][name] = torch.cat(pieces)[:numel].reshape(shape).clone()
+        offset += part
+    for key, per_rank in flats.items():
+        if any(flat.numel() != offset for flat in per_rank):
+            raise ValueError(f"checkpoint {tag_dir}: the {key} slices hold {[f.numel() for f in per_rank]} values, "
+                             f"the parameters listed need {offset} per rank; the files do not belong together")
+    model0["_optimizer0"] = optim0
+    return model0, full
+
+
+def load_resharded(engine, tag_dir: Path, saved: Layout, bf16: bool) -> dict:
+    """Load a checkpoint written by `saved.world_size` ranks into this engine (any world size).
+    Every rank calls it. Returns the checkpoint's client state (as engine.load_checkpoint does)."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    model0, full = full_trainable_state(tag_dir, saved, bf16)
+    module = engine.module
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if trainable.keys() != full["fp32"].keys():
+        missing, extra = sorted(trainable.keys() - full["fp32"].keys()), sorted(full["fp32"].keys() - trainable.keys())
+        raise ValueError(f"checkpoint {tag_dir} does not fit this model: trainable parameters missing from it "
+                         f"{missing[:3]}, in it but not trainable here {extra[:3]} (another method or targets?)")
+    from tsd.partition import full_shape
+
+    # torch's AdamW creates a parameter's state at its first step; a resumed one has it already.
+    # ZeRO-3's inner optimizer steps over one flat fp32 tensor per parameter sub-group.
+    optim0 = model0.pop("_optimizer0")
+    saved_state = optim0["optimizer_state_dict"]
+    step = saved_state["state"][0]["step"]
+    inner = engine.optimizer.optimizer
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        inner.state[flat] = {"step": step.clone() if torch.is_tensor(step) else step,
+                             "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+    for name, param in trainable.items():
+        value = full["fp32"][name]
+        if tuple(value.shape) != full_shape(param):
+            raise ValueError(f"checkpoint {tag_dir}: {name} has shape {tuple(value.shape)}, the model's is "
+                             f"{full_shape(param)} (another r or model?)")
+        mine = _my_slice(param, value)
+        safe_set_local_fp32_param(param, mine)
+        safe_set_local_optimizer_state(param, _my_slice(param, full["exp_avg"][name]), "exp_avg")
+        safe_set_local_optimizer_state(param, _my_slice(param, full["exp_avg_sq"][name]), "exp_avg_sq")
+        param.ds_tensor.data.copy_(mine.view_as(param.ds_tensor).to(param.ds_tensor.dtype))  # the module's copy
+
+    saved_group = saved_state["param_groups"][0]
+    for group in inner.param_groups:
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for attr in ("loss_scaler", "dynamic_loss_scale", "overflow"):
+        if attr in optim0:
+            setattr(engine.optimizer, attr, optim0[attr])
+
+    buffers = {n: model0["module"][n] for n in model0.get("buffer_names", []) if n in model0["module"]}
+    _, unexpected = module.load_state_dict(buffers, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint {tag_dir}: buffers this model does not have: {unexpected[:3]}")
+    if engine.lr_scheduler is not None and model0.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(model0["lr_scheduler"])
+    engine.global_steps = model0["global_steps"]
+    engine.global_samples = model0["global_samples"]
+    engine.skipped_steps = model0["skipped_steps"]
+    log(f"checkpoint {tag_dir.name} of {saved.world_size} rank(s) resharded onto {torch.distributed.get_world_size()} "
+        f"rank(s): {len(trainable)} trainable tensors with their Adam moments, {len(buffers)} buffers")
+    return model0
+
+
+def _my_slice(param, value: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 slice of a full tensor: `ds_tensor`'s length, zero-padded at the end.
+    (DeepSpeed's `safe_set_full_*` cut past the end of a tensor whose size the world does not
+    divide, on the last rank, so the local API is given the padded slice instead.)"""
+    import torch.distributed as dist
+
+    size = param.ds_tensor.numel()
+    start = dist.get_rank() * size
+    flat = value.reshape(-1)[start : start + size].float()
+    out = torch.zeros(size, dtype=torch.float32, device=param.ds_tensor.device)
+    out[: flat.numel()].copy_(flat)
+    return out
