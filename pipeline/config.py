@@ -170,6 +170,10 @@ class TrainConfig:
     eval_num_beams: Count = 4
     eval_limit: OptionalCount = None  # the first N rows of each test set
     eval_batch_size: Count = 1  # rows generated together (left-padded); the paper's harness uses 1
+    # Evaluate on a whole model copy per rank (fast) or on the ZeRO-3 partitioned model (memory /
+    # world); auto: whole when it fits every rank's budget (pipeline.evaluate.choose_eval_model).
+    eval_model: Literal["auto", "whole", "partitioned"] = "auto"
+    eval_memory_budget_gb: PositiveNumber | None = None  # per rank; None: measured (GPU free / node RAM per rank)
 
 
 @dataclass(config=_SECTION_RULES, frozen=True)

@@ -54,6 +54,7 @@ from pipeline.data.tasks import (
 from pipeline.config import RunConfig
 from pipeline.logs import log
 from pipeline.training.distributed import leave_process_group, rank_and_world
+from pipeline.training.engine import release_training_state
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import DB_FILE, resolve_tracking_uri
@@ -327,6 +328,64 @@ def log_results(result: Mapping[str, Any], tracking_uri: str, run_id: str, out_d
 
 # ----------------------------------------------------------------------------- loading
 # ----------------------------------------------------------------------------- after training
+EVAL_WHOLE = "whole"  # each rank its own unpartitioned copy: fast generation, one model per rank
+EVAL_PARTITIONED = "partitioned"  # the ZeRO-3 model itself: memory model/world, every token gathers
+# A whole copy costs its weights plus generation's own memory (activations, beams' KV cache);
+# the headroom below covers the latter for the harness's batch sizes.
+WHOLE_COPY_HEADROOM = 1.25
+
+
+def model_bytes(module) -> int:
+    """Bytes of the whole model (parameters at their full size, partitioned or not, and buffers)."""
+    params = sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in module.parameters())
+    return params + sum(b.numel() * b.element_size() for b in module.buffers())
+
+
+def rank_memory_budget() -> tuple[int, str]:
+    """(bytes, where from) one rank may use for evaluation when train.eval_memory_budget_gb is
+    unset: on a GPU, its free memory plus what this process holds there (the engine is freed
+    before a whole copy is built); on CPU, the node's available memory shared by its ranks."""
+    import socket
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free + torch.cuda.memory_allocated(), "free GPU memory + this rank's"
+    rank, world = rank_and_world()
+    hosts = [socket.gethostname()]
+    if world > 1:
+        hosts = [None] * world
+        dist.all_gather_object(hosts, socket.gethostname())
+    local = max(1, hosts.count(socket.gethostname()))
+    available = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    return available // local, f"MemAvailable / {local} rank(s) on this node"
+
+
+def choose_eval_model(cfg: RunConfig, module) -> tuple[str, str]:
+    """(EVAL_WHOLE or EVAL_PARTITIONED, why). Every rank calls it and all get the same answer
+    (the partitioned path is collective): a whole copy only when it fits on every rank."""
+    setting = cfg.train.eval_model
+    need = model_bytes(module)
+    if setting != "auto":
+        return setting, f"train.eval_model: {setting}; the whole model is {need / 2**30:.2f} GiB"
+    if cfg.train.eval_memory_budget_gb is not None:
+        budget, source = int(cfg.train.eval_memory_budget_gb * 2**30), "train.eval_memory_budget_gb"
+    else:
+        budget, source = rank_memory_budget()
+    fits = torch.tensor([1.0 if need * WHOLE_COPY_HEADROOM <= budget else 0.0])
+    _, world = rank_and_world()
+    if world > 1:
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+    how = EVAL_WHOLE if fits.item() == 1.0 else EVAL_PARTITIONED
+    verdict = "fits" if how == EVAL_WHOLE else "does not fit"
+    return how, (f"the whole model, {need / 2**30:.2f} GiB x {WHOLE_COPY_HEADROOM} headroom, {verdict} "
+                 f"{'every' if how == EVAL_WHOLE else 'some'} rank's budget of {budget / 2**30:.2f} GiB ({source}, "
+                 f"this rank); train.eval_model: whole|partitioned overrides")
+
+
 def unpartitioned_copy(cfg: RunConfig, state: dict):
     """Each rank's own whole copy of the base model with the just-exported adapter.
 
@@ -343,13 +402,19 @@ def unpartitioned_copy(cfg: RunConfig, state: dict):
     return model.eval()
 
 
-def evaluate_after_training(adapter_state: dict, tokenizer, cfg: RunConfig, run_dir: Path, tracker, step: int) -> dict:
-    """The paper's protocol on every test set of data.test, sharded over the ranks (every rank calls it)."""
+def evaluate_after_training(engine, adapter_state: dict, tokenizer, cfg: RunConfig, run_dir: Path, tracker,
+                            step: int) -> dict:
+    """The paper's protocol on every test set of data.test, sharded over the ranks (every rank
+    calls it), on a whole copy per rank or on the partitioned model (`choose_eval_model`). The
+    training engine is released first either way: its optimizer state always, its share of the
+    base too before a whole copy is built. The engine cannot train after this."""
     t = cfg.train
     sets = cfg.data.test_sets()
-    log(f"evaluating on {', '.join(sets)} (beams {t.eval_num_beams}, max new tokens {t.eval_max_new_tokens}, "
-        f"batch {t.eval_batch_size}, limit {t.eval_limit} rows per task)")
-    eval_model = unpartitioned_copy(cfg, adapter_state)
+    how, why = choose_eval_model(cfg, engine.module)
+    log(f"evaluating on {', '.join(sets)} with the {how} model ({why}); beams {t.eval_num_beams}, "
+        f"max new tokens {t.eval_max_new_tokens}, batch {t.eval_batch_size}, limit {t.eval_limit} rows per task")
+    release_training_state(engine, keep_module=how == EVAL_PARTITIONED)
+    eval_model = unpartitioned_copy(cfg, adapter_state) if how == EVAL_WHOLE else engine.module
     result = evaluate_tasks(
         eval_model, tokenizer, {task: load_records(path) for task, path in sets.items()},
         num_beams=t.eval_num_beams, max_new_tokens=t.eval_max_new_tokens, limit=t.eval_limit,
@@ -361,6 +426,7 @@ def evaluate_after_training(adapter_state: dict, tokenizer, cfg: RunConfig, run_
         out = write_results(result, run_dir / "eval")
         tracker.log_metrics(result["metrics"], step)
         tracker.log_artifacts(str(out), "eval")
+        tracker.set_tags({"eval_model": how})
         log("accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
     return dict(result["metrics"])
 

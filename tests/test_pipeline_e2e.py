@@ -164,6 +164,27 @@ def test_deepspeed_launcher_runs_the_same_loop_to_the_same_adapter(workdir, ray_
     assert ds[0].data.tags["launcher"] == "deepspeed"
 
 
+def test_partitioned_evaluation_predicts_what_the_whole_copy_predicts(workdir, launcher_run):
+    """train.eval_model auto with a per-rank budget smaller than the model: the evaluation runs
+    on the ZeRO-3 model itself (synced generation, padding calls for the rank with fewer rows),
+    and predicts exactly what the launcher run's whole copies predicted (same config and seed,
+    hence the same adapter; there auto chose the whole copy, as the tiny model fits)."""
+    from proc_group import torchrun_worker
+
+    path = _config(workdir, "tr-dash-partitioned")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"].update(eval_memory_budget_gb=1e-6)
+    path.write_text(yaml.safe_dump(cfg))
+    proc = torchrun_worker(path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "with the partitioned model (the whole model" in proc.stderr and "does not fit" in proc.stderr
+    assert "with the whole model (the whole model" in launcher_run["proc"].stdout + launcher_run["proc"].stderr
+    for task in ("social_i_qa", "ARC-Easy"):
+        whole = (launcher_run["dir"] / f"eval/predictions/{task}.jsonl").read_text()
+        part = (workdir / f"runs/tr-dash-partitioned/eval/predictions/{task}.jsonl").read_text()
+        assert part == whole and len(part.splitlines()) == 4
+
+
 def test_bad_config_is_a_clear_error_without_traceback(workdir):
     bad = workdir / "bad.yaml"
     bad.write_text("name: x\nmethod:\n  rank: 8\n")

@@ -4,6 +4,7 @@ the optimizer state reset that follows an Init switch."""
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -127,3 +128,24 @@ def reset_optimizer_state(engine) -> None:
                 value.zero_()
             elif key == "step":
                 state[key] = 0
+
+
+def release_training_state(engine, keep_module: bool) -> None:
+    """Free what training needed and evaluation does not, once training is over: Adam's moments
+    and the fp32 master copy of the trainable slices (ZeRO-3 keeps them apart from the module's
+    own slices), and with `keep_module=False` this rank's share of the base weights too (a whole
+    copy is about to replace the partitioned model). The engine cannot train afterwards."""
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is not None:
+        inner.state.clear()
+    for flat in getattr(optimizer, "fp32_partitioned_groups_flat", []):
+        flat.grad = None
+        flat.data = torch.empty(0, dtype=flat.dtype, device=flat.device)
+    if not keep_module:
+        for p in engine.module.parameters():
+            if is_partitioned(p):
+                p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

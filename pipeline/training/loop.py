@@ -354,7 +354,8 @@ def finish(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, result: Trai
     run_dir = cfg.run_dir.resolve()
     result.adapter_dir, adapter_state = export_adapter(s.engine.module, cfg, cfg.method.tsd(), run_dir, tracker)
     if cfg.data.test:
-        result.metrics.update(evaluate_after_training(adapter_state, s.tokenizer, cfg, run_dir, tracker, result.steps))
+        result.metrics.update(evaluate_after_training(s.engine, adapter_state, s.tokenizer, cfg, run_dir, tracker,
+                                                             result.steps))
     tracker.log_metrics({"final_loss": result.final_loss}, result.steps)
     tracker.flush()  # the registry reads the adapter back from the run
     if cfg.tracking.register_as and tracker.enabled:
