@@ -1,8 +1,11 @@
-"""Relative paths of a run config are resolved once, against the launch directory."""
+"""Relative paths of a run config are resolved once, against the launch directory; small
+files of a run are written atomically."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from pathlib import Path
 
 from pipeline.config import RunConfig
@@ -35,3 +38,10 @@ def resolve_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
         method=dataclasses.replace(cfg.method, svd_cache=_abs(cfg.method.svd_cache, base)),
         deepspeed=dataclasses.replace(cfg.deepspeed, config=_abs(cfg.deepspeed.config, base)),
     )
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """`path` holds the whole JSON or its previous content, never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)

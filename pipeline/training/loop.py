@@ -8,7 +8,6 @@ processes start (Ray Train, the DeepSpeed launcher, torchrun) and hands over a `
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ from pipeline.config import RunConfig, check_switch_fits
 from pipeline.data.loader import TokenizedTasks, micro_batches_per_epoch, train_loader
 from pipeline.evaluate import evaluate_after_training
 from pipeline.logs import log, setup_logging
+from pipeline.paths import write_json_atomic
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.registry import register_adapter
 from pipeline.tracking.secrets import mask_secrets
@@ -37,6 +37,7 @@ from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.training.engine import (assert_partitioned, deepspeed_config, load_model, lr_lambda_factory,
                                       reset_optimizer_state, restart_schedule, seed_everything)
 from pipeline.training.faults import Faults
+from pipeline.training.memory import PhaseMemory, gather_and_log
 from pipeline.training.nodes import (Node, check_shared_storage, gather_nodes, node_table, shared_folders,
                                      start_system_metrics)
 from pipeline.training.rank_failure import on_peer_failure
@@ -160,6 +161,7 @@ class Session:
     sched_state: dict  # {"phase_start": step}: LoRA-Init restarts the schedule (lr_lambda_factory)
     hf_ds: Any  # HfDeepSpeedConfig: stays referenced while ZeRO-3 generation may run
     consumed_micro: int = 0  # micro-batches a resumed checkpoint already trained on
+    memory: PhaseMemory = field(default_factory=PhaseMemory)  # peak memory per phase
 
 
 def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> Session:
@@ -167,6 +169,8 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     then the newest whole checkpoint, if any, and the run's set-up logged to MLflow."""
     import deepspeed
 
+    memory = PhaseMemory()
+    memory.enter("load")
     ds_config = deepspeed_config(cfg)
     # The checkpoint to resume from is chosen before the engine exists: one written by another
     # number of ranks changes train.grad_accum (the same global batch), hence the engine's config.
@@ -195,8 +199,10 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)
-    session = Session(cfg, engine, optimizer, scheduler, tokenizer, loader, ds_config, total_steps, sched_state, hf_ds)
+    session = Session(cfg, engine, optimizer, scheduler, tokenizer, loader, ds_config, total_steps, sched_state, hf_ds,
+                      memory=memory)
     if tag is not None:
+        memory.enter("resume")
         resume(session, tag, saved, len(dataset), tracker)
 
     log(f"{world} rank(s) on {len(nodes)} node(s): " + "; ".join(f"{n.label()} ranks {n.ranks}" for n in nodes))
@@ -271,6 +277,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
     epoch, done_in_epoch = divmod(micro_index, len(s.loader))
     done = engine.global_steps >= total_steps
     engine.train()
+    s.memory.enter("train")
     while not done:
         s.loader.sampler.start_at(epoch, done_in_epoch)
         done_in_epoch = 0
@@ -320,7 +327,9 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
             ctx.faults.after_step()
             run_due_switches(s, cfg, ctx, tracker, step, result)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                s.memory.enter("checkpoint")
                 save_checkpoint(engine, ckpt_dir, step, micro_index, s.sched_state, cfg.train.keep_checkpoints)
+                s.memory.enter("train")
             step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
             if step >= total_steps:
                 done = True
@@ -328,6 +337,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
         epoch += 1  # optimizer_steps refused data without a full step per epoch: this ends
 
     result.steps = engine.global_steps
+    s.memory.enter("checkpoint")
     save_checkpoint(engine, ckpt_dir, result.steps, micro_index, s.sched_state, cfg.train.keep_checkpoints)
     return finish(s, cfg, ctx, tracker, result)
 
@@ -335,7 +345,9 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
 def run_due_switches(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, step: int, result: TrainResult) -> None:
     """The switches due after `step` (sharded over the ranks), and what follows each."""
     tsd_cfg = cfg.method.tsd()
-    for kind in due_switches(s.engine.module, tsd_cfg, step):
+    kinds = due_switches(s.engine.module, tsd_cfg, step)
+    for kind in kinds:
+        s.memory.enter("switch")
         rep = sharded_switch(s.engine.module, kind, step, tsd_cfg.svd_dtype, cfg.method.svd_cache, ctx.faults)
         if switch_kind(kind).restarts_training:
             reset_optimizer_state(s.engine)
@@ -346,16 +358,21 @@ def run_due_switches(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, st
             f"cache hits {rep.cache_hits}, plan loads {rep.plan_loads})", all_ranks=True)
         tracker.log_metrics({f"switch_{kind}_seconds": rep.seconds}, step)
         tracker.log_directions(rep.directions, kind, step)
+    if kinds:
+        s.memory.enter("train")
 
 
 def finish(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, result: TrainResult) -> TrainResult:
     """Export the adapter, evaluate when data.test is set, log and write the result."""
     rank, _ = rank_and_world()
     run_dir = cfg.run_dir.resolve()
+    s.memory.enter("export")
     result.adapter_dir, adapter_state = export_adapter(s.engine.module, cfg, cfg.method.tsd(), run_dir, tracker)
     if cfg.data.test:
+        s.memory.enter("evaluate")
         result.metrics.update(evaluate_after_training(s.engine, adapter_state, s.tokenizer, cfg, run_dir, tracker,
                                                              result.steps))
+    gather_and_log(s.memory, tracker, run_dir, result.steps)
     tracker.log_metrics({"final_loss": result.final_loss}, result.steps)
     tracker.flush()  # the registry reads the adapter back from the run
     if cfg.tracking.register_as and tracker.enabled:
@@ -388,12 +405,6 @@ def non_finite(what: str, ckpt_dir: Path) -> NonFiniteLossError:
         f"{what}. The last good checkpoint ({last} in {ckpt_dir}) is kept; lower train.lr or check the data, "
         f"then rerun the same command to resume from it"
     )
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def loss_is_finite(loss: torch.Tensor, world: int) -> bool:

@@ -1,0 +1,105 @@
+"""Peak memory of each phase of a run, per rank: load, resume, train, switch, checkpoint, export,
+evaluate. ZeRO-3 is there so that no rank ever holds the whole model; this is how a run shows it.
+
+Per phase, the resident set's high-water mark (Linux VmHWM, reset at each phase's start through
+/proc/self/clear_refs) and, on a GPU, `torch.cuda.max_memory_allocated` (reset likewise). At each
+phase's start freed heap is handed back to the OS first (gc, glibc malloc_trim), so a phase is
+not charged for what an earlier one freed but the allocator kept. A phase entered several times
+(train, switch, checkpoint) reports its largest peak. Rank 0 gathers every rank's figures into
+`<run>/memory.json` and logs the largest over the ranks as `peak_rss_mb_<phase>` (and
+`peak_cuda_mb_<phase>`) to MLflow.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+
+import torch
+
+from pipeline.paths import write_json_atomic
+
+def _status_mb(field: str) -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # "reset the peak resident set size" (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _trim_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class PhaseMemory:
+    """`enter(phase)` closes the current phase (its peak is recorded) and opens the next."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.rss_mb: dict[str, float] = {}
+        self.cuda_mb: dict[str, float] = {}
+        self.resets = True  # False where the high-water mark cannot be reset: peaks are since the start
+
+    def enter(self, phase: str) -> None:
+        self._close()
+        _trim_heap()
+        self.resets = _reset_peak_rss() and self.resets
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.current = phase
+
+    def _close(self) -> None:
+        if self.current is None:
+            return
+        self.rss_mb[self.current] = max(self.rss_mb.get(self.current, 0.0), _status_mb("VmHWM"))
+        if torch.cuda.is_available():
+            peak = torch.cuda.max_memory_allocated() / 2**20
+            self.cuda_mb[self.current] = max(self.cuda_mb.get(self.current, 0.0), peak)
+        self.current = None
+
+    def finish(self) -> dict:
+        """This rank's peaks ({"rss_mb": {phase: MB}, "cuda_mb": ..., "peaks_reset": bool})."""
+        self._close()
+        return {"rss_mb": dict(self.rss_mb), "cuda_mb": dict(self.cuda_mb), "peaks_reset": self.resets}
+
+
+def gather_and_log(memory: PhaseMemory, tracker, run_dir, step: int) -> dict | None:
+    """Every rank's peaks to rank 0: `<run>/memory.json` and the per-phase maxima as metrics.
+    Every rank calls it; returns the table on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    from pipeline.training.distributed import rank_and_world
+
+    mine = memory.finish()
+    rank, world = rank_and_world()
+    table = [mine]
+    if world > 1:
+        table = [None] * world
+        dist.all_gather_object(table, mine)
+    if rank != 0:
+        return None
+    metrics = {}
+    for kind in ("rss_mb", "cuda_mb"):
+        for phase in table[0][kind]:
+            metrics[f"peak_{kind}_{phase}"] = max(t[kind].get(phase, 0.0) for t in table)
+    tracker.log_metrics(metrics, step)
+    out = {"ranks": table, "max_over_ranks": metrics}
+    write_json_atomic(run_dir / "memory.json", out)
+    tracker.log_artifact(run_dir / "memory.json", "memory")
+    return out
