@@ -55,6 +55,7 @@ from pipeline.config import RunConfig
 from pipeline.logs import log
 from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.training.engine import release_training_state
+from pipeline.training.memory import release_freed_heap
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import DB_FILE, resolve_tracking_uri
@@ -255,6 +256,7 @@ def _task_rows(model, tokenizer, task: str, records: Sequence[Mapping[str, Any]]
         prompts = [generate_eval_prompt(records[i]["instruction"], records[i].get("input") if use_input else None)
                    for i in idx]
         outputs = generate_outputs(model, tokenizer, prompts, gen_config, synced=synced)
+        release_freed_heap()
         if batch is None:
             continue  # a padding call under ZeRO-3: keeps the collectives in step
         for i, out in zip(idx, outputs):

@@ -174,3 +174,41 @@ def test_lora_init_under_zero3_keeps_output_and_optimizer_follows_the_edit(run):
         # a stale master copy would pull A back towards its pre-init value.
         A0, A2 = t[f"before_init.{name}.A"], t[f"trained_after_init.{name}.A"]
         assert (A2 - A1).norm() < 0.5 * (A2 - A0).norm(), name
+
+
+@pytest.mark.parametrize("layout", ["sharded-files", "base-model-names", "bin-file"])
+def test_each_rank_loads_only_its_slices_and_gets_the_files_weights(tmp_path, layout):
+    """3 ranks (sizes the world does not divide), tied input/output embeddings, weights in
+    several files: every parameter gathered after the partitioned load equals the file's tensor
+    bit for bit; also with names saved from the base model (no "model." prefix) and a stray
+    key. A folder of .bin weights goes through transformers' path, with a warning, as exact."""
+    from safetensors.torch import save_file as save
+
+    from pipeline.data.synthetic import make_model_dir
+
+    mdir = make_model_dir(tmp_path / "m", texts=["a b c d e f g h i j k l m n o p q"], hidden_size=40,
+                          intermediate_size=50, max_shard_size="20KB")
+    files = sorted(mdir.glob("model*.safetensors"))
+    assert len(files) > 1
+    want = {}
+    for f in files:
+        want.update(load_file(str(f)))
+    if layout != "sharded-files":
+        for f in files:
+            f.unlink()
+        (mdir / "model.safetensors.index.json").unlink()
+    if layout == "base-model-names":
+        save({**{k.removeprefix("model."): v for k, v in want.items()}, "x.gamma": torch.ones(2)},
+             str(mdir / "model.safetensors"))
+    elif layout == "bin-file":
+        torch.save(want, mdir / "pytorch_model.bin")
+    proc = _torchrun(ROOT / "tests/dist/partitioned_load.py", str(mdir), str(tmp_path), nproc=3)
+    assert ("WARNING: loading" in proc.stderr + proc.stdout) == (layout == "bin-file")
+    got = load_file(str(tmp_path / "loaded.safetensors"))
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert not info["training"]
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    if "lm_head.weight" not in want:  # tied: the output layer is the embedding
+        assert torch.equal(got["lm_head.weight"], want["model.embed_tokens.weight"])
+    assert max(info["local"].values()) < max(t.numel() for t in want.values())

@@ -34,6 +34,7 @@ def make_model_dir(
     num_key_value_heads: int = 2,
     vocab_size: int | None = None,
     seed: int = 0,
+    max_shard_size: str | None = None,
 ) -> Path:
     """Save a random-init LlamaForCausalLM (+ tokenizer) to `path` and return it."""
     path = Path(path)
@@ -54,6 +55,6 @@ def make_model_dir(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(path)
     return path

@@ -11,10 +11,12 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline.config import RunConfig
+from pipeline.logs import log
+from pipeline.training.partitioned_load import CannotLoadPartitioned, load_partitioned, weight_files
 from pipeline.training.distributed import rank_and_world
 from tsd.partition import full_shape, is_partitioned
 
@@ -49,6 +51,10 @@ def deepspeed_config(cfg: RunConfig) -> dict:
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro x accum x world
+    zero = ds.setdefault("zero_optimization", {})
+    for key, value in zero3_buckets(cfg).items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
     for key, on in (("bf16", t.precision == "bf16"), ("fp16", t.precision == "fp16")):
         section = ds.setdefault(key, {})
         if section.get("enabled", "auto") == "auto":
@@ -56,6 +62,32 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     if ds.get("zero_optimization", {}).get("stage") != 3:
         raise ValueError(f"deepspeed.config: {path} must use ZeRO stage 3 (the pipeline's switch assumes it)")
     return ds
+
+
+def zero3_buckets(cfg: RunConfig) -> dict[str, int]:
+    """ZeRO-3's bucket and live-parameter limits sized from the model, for the config's "auto".
+
+    DeepSpeed's defaults (max live parameters and max reuse distance 1e9, buckets 5e7-5e8
+    elements) are sized for GPUs and mid-size models: a parameter used again within 1e9
+    elements is not released, so under 1e9 parameters every gathered weight stays gathered
+    from the forward to the backward, and generation keeps the whole model gathered (measured:
+    4.3x a rank's share while training a 2.3 GB model, benchmarks/bench_memory_phases.py).
+    Here a gathered weight is released unless it is used again within one MLP weight, and
+    at most a few MLP weights are live at once. Buckets follow the hidden size
+    (transformers' rule for ZeRO-3: h^2 to reduce, 0.9 h^2 to prefetch)."""
+    try:
+        arch = json.loads((Path(cfg.model.path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}  # the preflight names a missing model folder; DeepSpeed's defaults stand
+    text = arch.get("text_config", arch)  # multimodal configs nest the language model's
+    hidden = int(text.get("hidden_size") or 4096)
+    largest = hidden * int(text.get("intermediate_size") or 4 * hidden)
+    return {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_max_live_parameters": 3 * largest,
+        "stage3_max_reuse_distance": largest,
+    }
 
 
 def load_model(cfg: RunConfig, ds_config: dict):
@@ -69,7 +101,19 @@ def load_model(cfg: RunConfig, ds_config: dict):
         raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
     hf_ds = HfDeepSpeedConfig(ds_config)
     dtype = getattr(torch, cfg.model.dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        weight_files(path)  # safetensors: each rank reads only its slices (no whole copy on rank 0)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+        load_partitioned(model, path)
+        if (path / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
+        model.eval()  # as from_pretrained leaves it; the loop switches to training mode
+    except CannotLoadPartitioned as why:
+        log(f"WARNING: loading {path} through transformers' ZeRO-3 path, where rank 0 holds the whole model "
+            f"while loading: {why}")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
+                                                     trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -37,7 +37,7 @@ from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.training.engine import (assert_partitioned, deepspeed_config, load_model, lr_lambda_factory,
                                       reset_optimizer_state, restart_schedule, seed_everything)
 from pipeline.training.faults import Faults
-from pipeline.training.memory import PhaseMemory, gather_and_log
+from pipeline.training.memory import PhaseMemory, gather_and_log, release_freed_heap
 from pipeline.training.nodes import (Node, check_shared_storage, gather_nodes, node_table, shared_folders,
                                      start_system_metrics)
 from pipeline.training.rank_failure import on_peer_failure
@@ -294,6 +294,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
                                  f"micro-batch {micro_index}; stopping", ckpt_dir)
             engine.backward(loss)
             engine.step()
+            release_freed_heap()
             step_loss += float(loss.detach())
             step_tokens += int(batch["attention_mask"].sum())
             micro_in_step += 1

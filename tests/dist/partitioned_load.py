@@ -1,0 +1,34 @@
+"""Run by tests/test_zero3.py under torchrun (3 CPU ranks, gloo): the model folder loaded by
+pipeline.training.engine.load_model, every parameter gathered whole; rank 0 writes them and
+the log line of the path taken to OUT."""
+
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from pipeline.config import from_dict
+from pipeline.training.engine import load_model
+from tsd.partition import gathered
+
+model_dir, out = sys.argv[1], Path(sys.argv[2])
+deepspeed.init_distributed(dist_backend="gloo")
+torch.set_num_threads(1)
+cfg = from_dict({"model": {"path": model_dir}, "data": {"train": "unused.json"}})
+ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+      "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
+model, _, keep = load_model(cfg, ds)
+assert all(hasattr(p, "ds_id") for p in model.parameters()), "not partitioned"
+local = {n: p.ds_tensor.numel() for n, p in model.named_parameters()}
+full = {}
+for name, p in model.named_parameters(remove_duplicate=False):
+    with gathered([p]):
+        full[name] = p.data.detach().clone()
+if dist.get_rank() == 0:
+    save_file(full, str(out / "loaded.safetensors"))
+    (out / "info.json").write_text(json.dumps({"local": local, "training": model.training}))
+dist.barrier()
