@@ -49,16 +49,6 @@ def make_model(work: Path, quick: bool) -> Path:
                           num_attention_heads=16, num_key_value_heads=16, max_shard_size="256MB", **widths)
 
 
-def model_bytes(mdir: Path) -> int:
-    """Bytes of the weights, from the safetensors headers (nothing loaded)."""
-    total = 0
-    for f in mdir.glob("*.safetensors"):
-        with f.open("rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-    return total
-
-
 def config(work: Path, mdir: Path, name: str, budget_gb: float, **train) -> Path:
     import yaml
 
@@ -70,9 +60,9 @@ def config(work: Path, mdir: Path, name: str, budget_gb: float, **train) -> Path
         "method": {"method": "dash", "r": 8, "alpha": 16, "switch_step": 2, "num_directions": 8},
         "train": {"lr": 1e-4, "warmup_steps": 1, "micro_batch_size": 1, "max_steps": 3, "checkpoint_every": 2,
                   "keep_checkpoints": None, "eval_limit": 4, "eval_num_beams": 1, "eval_max_new_tokens": 2,
-                  "eval_memory_budget_gb": budget_gb, **train},
+                  **train},
         "deepspeed": {"config": str(C.ROOT / "configs/deepspeed/zero3.json")},
-        "workers": {"num_workers": 2, "cpus_per_worker": 1},
+        "workers": {"num_workers": 2, "cpus_per_worker": 1, "memory_budget_gb": budget_gb},
         "tracking": {"offline": True},
     }  # fmt: skip
     path = work / f"{name}.yaml"
@@ -112,10 +102,12 @@ def main() -> None:
     C.print_header("memory_phases", args)
     work = C.work_dir("tsd-bench-memphases-")
     mdir = make_model(work, args.quick)
-    weights = model_bytes(mdir)
+    from pipeline.training.partitioned_load import folder_weight_bytes
+
+    weights = folder_weight_bytes(mdir)
     budget_gb = 0.75 * weights / 2**30
-    print(f"# model {weights / 2**30:.2f} GiB of fp32 weights; per-rank evaluation budget {budget_gb:.2f} GiB "
-          f"(0.75 x the model: a whole copy does not fit)", flush=True)
+    print(f"# model {weights / 2**30:.2f} GiB of fp32 weights; per-rank budget (workers.memory_budget_gb) "
+          f"{budget_gb:.2f} GiB = 0.75 x the model: a whole copy does not fit a rank", flush=True)
 
     runs = {}
     runs["A"] = run(config(work, mdir, "A", budget_gb), work / "A.log")

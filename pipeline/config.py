@@ -173,7 +173,6 @@ class TrainConfig:
     # Evaluate on a whole model copy per rank (fast) or on the ZeRO-3 partitioned model (memory /
     # world); auto: whole when it fits every rank's budget (pipeline.evaluate.choose_eval_model).
     eval_model: Literal["auto", "whole", "partitioned"] = "auto"
-    eval_memory_budget_gb: PositiveNumber | None = None  # per rank; None: measured (GPU free / node RAM per rank)
 
 
 @dataclass(config=_SECTION_RULES, frozen=True)
@@ -193,6 +192,10 @@ class WorkersConfig:
     collective_timeout_s: Count = 1800  # a collective waiting this long for a vanished rank fails (a rank that raises ends the job at once)
     # How Ray places the workers on nodes: PACK fills a node first; STRICT_SPREAD puts each on its own node.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # The memory one rank may use, in GiB; None: measured (a GPU's free memory, or the node's
+    # available RAM shared by its ranks). Decides whether a whole model copy fits a rank
+    # (ZeRO-3's limits, the evaluation path: pipeline.training.memory.whole_model_fits).
+    memory_budget_gb: PositiveNumber | None = None
 
 
 @dataclass(config=_SECTION_RULES, frozen=True)

@@ -55,7 +55,7 @@ from pipeline.config import RunConfig
 from pipeline.logs import log
 from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.training.engine import release_training_state
-from pipeline.training.memory import release_freed_heap
+from pipeline.training.memory import release_freed_heap, whole_model_fits
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import DB_FILE, resolve_tracking_uri
@@ -343,29 +343,6 @@ def model_bytes(module) -> int:
     return params + sum(b.numel() * b.element_size() for b in module.buffers())
 
 
-def rank_memory_budget() -> tuple[int, str]:
-    """(bytes, where from) one rank may use for evaluation when train.eval_memory_budget_gb is
-    unset: on a GPU, its free memory plus what this process holds there (the engine is freed
-    before a whole copy is built); on CPU, the node's available memory shared by its ranks."""
-    import socket
-
-    if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
-        return free + torch.cuda.memory_allocated(), "free GPU memory + this rank's"
-    rank, world = rank_and_world()
-    hosts = [socket.gethostname()]
-    if world > 1:
-        hosts = [None] * world
-        dist.all_gather_object(hosts, socket.gethostname())
-    local = max(1, hosts.count(socket.gethostname()))
-    available = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-    return available // local, f"MemAvailable / {local} rank(s) on this node"
-
-
 def choose_eval_model(cfg: RunConfig, module) -> tuple[str, str]:
     """(EVAL_WHOLE or EVAL_PARTITIONED, why). Every rank calls it and all get the same answer
     (the partitioned path is collective): a whole copy only when it fits on every rank."""
@@ -373,19 +350,8 @@ def choose_eval_model(cfg: RunConfig, module) -> tuple[str, str]:
     need = model_bytes(module)
     if setting != "auto":
         return setting, f"train.eval_model: {setting}; the whole model is {need / 2**30:.2f} GiB"
-    if cfg.train.eval_memory_budget_gb is not None:
-        budget, source = int(cfg.train.eval_memory_budget_gb * 2**30), "train.eval_memory_budget_gb"
-    else:
-        budget, source = rank_memory_budget()
-    fits = torch.tensor([1.0 if need * WHOLE_COPY_HEADROOM <= budget else 0.0])
-    _, world = rank_and_world()
-    if world > 1:
-        dist.all_reduce(fits, op=dist.ReduceOp.MIN)
-    how = EVAL_WHOLE if fits.item() == 1.0 else EVAL_PARTITIONED
-    verdict = "fits" if how == EVAL_WHOLE else "does not fit"
-    return how, (f"the whole model, {need / 2**30:.2f} GiB x {WHOLE_COPY_HEADROOM} headroom, {verdict} "
-                 f"{'every' if how == EVAL_WHOLE else 'some'} rank's budget of {budget / 2**30:.2f} GiB ({source}, "
-                 f"this rank); train.eval_model: whole|partitioned overrides")
+    fits, why = whole_model_fits(cfg, need, WHOLE_COPY_HEADROOM)
+    return (EVAL_WHOLE if fits else EVAL_PARTITIONED), f"{why}; train.eval_model: whole|partitioned overrides"
 
 
 def unpartitioned_copy(cfg: RunConfig, state: dict):

@@ -173,7 +173,7 @@ def test_partitioned_evaluation_predicts_what_the_whole_copy_predicts(workdir, l
 
     path = _config(workdir, "tr-dash-partitioned")
     cfg = yaml.safe_load(path.read_text())
-    cfg["train"].update(eval_memory_budget_gb=1e-6)
+    cfg["workers"].update(memory_budget_gb=1e-6)
     path.write_text(yaml.safe_dump(cfg))
     proc = torchrun_worker(path)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

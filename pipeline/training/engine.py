@@ -32,8 +32,9 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def deepspeed_config(cfg: RunConfig) -> dict:
-    """The DeepSpeed JSON with its "auto" values filled from the run config."""
+def deepspeed_config(cfg: RunConfig, roomy: bool = True) -> dict:
+    """The DeepSpeed JSON with its "auto" values filled from the run config (ZeRO-3's limits:
+    `zero3_limits`, by whether the whole model fits a rank: `roomy`)."""
     path = Path(cfg.deepspeed.config)
     try:
         ds = json.loads(path.read_text())
@@ -52,7 +53,7 @@ def deepspeed_config(cfg: RunConfig) -> dict:
             ds[key] = value
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro x accum x world
     zero = ds.setdefault("zero_optimization", {})
-    for key, value in zero3_buckets(cfg).items():
+    for key, value in zero3_limits(cfg, roomy).items():
         if zero.get(key, "auto") == "auto":
             zero[key] = value
     for key, on in (("bf16", t.precision == "bf16"), ("fp16", t.precision == "fp16")):
@@ -64,17 +65,25 @@ def deepspeed_config(cfg: RunConfig) -> dict:
     return ds
 
 
-def zero3_buckets(cfg: RunConfig) -> dict[str, int]:
-    """ZeRO-3's bucket and live-parameter limits sized from the model, for the config's "auto".
+# Training under ZeRO-3 with a whole model's worth of weights gathered at once, on top of the
+# rank's slices and the activations: below this multiple of the model a rank is "tight".
+ROOMY_HEADROOM = 2.0
 
-    DeepSpeed's defaults (max live parameters and max reuse distance 1e9, buckets 5e7-5e8
-    elements) are sized for GPUs and mid-size models: a parameter used again within 1e9
-    elements is not released, so under 1e9 parameters every gathered weight stays gathered
-    from the forward to the backward, and generation keeps the whole model gathered (measured:
-    4.3x a rank's share while training a 2.3 GB model, benchmarks/bench_memory_phases.py).
-    Here a gathered weight is released unless it is used again within one MLP weight, and
-    at most a few MLP weights are live at once. Buckets follow the hidden size
-    (transformers' rule for ZeRO-3: h^2 to reduce, 0.9 h^2 to prefetch)."""
+
+def zero3_limits(cfg: RunConfig, roomy: bool) -> dict[str, int]:
+    """ZeRO-3's bucket and live-parameter limits for the config's "auto" values.
+
+    `roomy` (a whole model fits each rank twice over): DeepSpeed's own defaults, the fastest
+    (gathered weights stay gathered from the forward to the backward: SmolLM2 on 2 CPU ranks
+    runs 25% slower without that). Otherwise sized from the model: DeepSpeed's 1e9-element
+    reuse distance keeps every gathered weight gathered in a model under 1e9 parameters, and
+    generation keeps the whole model gathered (measured 4.3x a rank's share while training a
+    2.3 GB model, benchmarks/bench_memory_phases.py); here a gathered weight is released unless
+    used again within one MLP weight, and at most three MLP weights are live. Buckets follow the
+    hidden size (transformers' rule for ZeRO-3: h^2 to reduce, 0.9 h^2 to prefetch)."""
+    if roomy:
+        return {"reduce_bucket_size": 50_000_000, "stage3_prefetch_bucket_size": 50_000_000,
+                "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000}
     try:
         arch = json.loads((Path(cfg.model.path) / "config.json").read_text())
     except (OSError, ValueError):

@@ -34,12 +34,13 @@ from pipeline.training import rank_failure
 from pipeline.training.checkpoint import (choose_resume_tag, rebuild_after_resume, restore_rng, save_checkpoint,
                                          weights_only_checkpoint_engine)
 from pipeline.training.distributed import leave_process_group, rank_and_world
-from pipeline.training.engine import (assert_partitioned, deepspeed_config, load_model, lr_lambda_factory,
-                                      reset_optimizer_state, restart_schedule, seed_everything)
+from pipeline.training.engine import (ROOMY_HEADROOM, assert_partitioned, deepspeed_config, load_model,
+                                      lr_lambda_factory, reset_optimizer_state, restart_schedule, seed_everything)
 from pipeline.training.faults import Faults
-from pipeline.training.memory import PhaseMemory, gather_and_log, release_freed_heap
+from pipeline.training.memory import PhaseMemory, gather_and_log, release_freed_heap, whole_model_fits
 from pipeline.training.nodes import (Node, check_shared_storage, gather_nodes, node_table, shared_folders,
                                      start_system_metrics)
+from pipeline.training.partitioned_load import folder_weight_bytes
 from pipeline.training.rank_failure import on_peer_failure
 from pipeline.training.reshard import Layout, keep_global_batch, load_resharded, map_data_position, read_layout
 from pipeline.training.sharded_switch import sharded_switch
@@ -171,7 +172,9 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
 
     memory = PhaseMemory()
     memory.enter("load")
-    ds_config = deepspeed_config(cfg)
+    roomy, why = whole_model_fits(cfg, folder_weight_bytes(cfg.model.path), ROOMY_HEADROOM)
+    log(f"ZeRO-3 limits: {'DeepSpeed defaults (fastest)' if roomy else 'sized to the model (least memory)'}: {why}")
+    ds_config = deepspeed_config(cfg, roomy)
     # The checkpoint to resume from is chosen before the engine exists: one written by another
     # number of ranks changes train.grad_accum (the same global batch), hence the engine's config.
     bf16 = ds_config.get("bf16", {}).get("enabled") is True
@@ -179,7 +182,7 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     saved = read_layout(cfg.run_dir.resolve() / "checkpoints" / tag) if tag else None
     if saved is not None and saved.world_size != world:
         cfg = keep_global_batch(cfg, saved, world)
-        ds_config = deepspeed_config(cfg)
+        ds_config = deepspeed_config(cfg, roomy)
     t0 = time.perf_counter()
     model, tokenizer, hf_ds = load_model(cfg, ds_config)
     assert_partitioned(model)

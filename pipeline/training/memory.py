@@ -119,3 +119,53 @@ def gather_and_log(memory: PhaseMemory, tracker, run_dir, step: int) -> dict | N
     write_json_atomic(run_dir / "memory.json", out)
     tracker.log_artifact(run_dir / "memory.json", "memory")
     return out
+
+
+# ----------------------------------------------------------------------------- does a whole model fit a rank?
+def rank_memory_budget() -> tuple[int, str]:
+    """(bytes, where from) one rank may use when workers.memory_budget_gb is unset: on a GPU,
+    its free memory plus what this process holds there; on CPU, the node's available memory
+    shared by its ranks (ranks on the same host counted through the process group)."""
+    import socket
+
+    import torch.distributed as dist
+
+    from pipeline.training.distributed import rank_and_world
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free + torch.cuda.memory_allocated(), "free GPU memory + this rank's"
+    _, world = rank_and_world()
+    hosts = [socket.gethostname()]
+    if world > 1:
+        hosts = [None] * world
+        dist.all_gather_object(hosts, socket.gethostname())
+    local = max(1, hosts.count(socket.gethostname()))
+    available = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    return available // local, f"MemAvailable / {local} rank(s) on this node"
+
+
+def whole_model_fits(cfg, need: int | None, headroom: float) -> tuple[bool, str]:
+    """Whether `need` bytes x `headroom` fit EVERY rank's budget (workers.memory_budget_gb, else
+    measured), with why. Every rank must call it (the verdict is all-reduced, so all ranks take
+    the same, collective, path). `need` None (unknown) never fits."""
+    import torch.distributed as dist
+
+    from pipeline.training.distributed import rank_and_world
+
+    if cfg.workers.memory_budget_gb is not None:
+        budget, source = int(cfg.workers.memory_budget_gb * 2**30), "workers.memory_budget_gb"
+    else:
+        budget, source = rank_memory_budget()
+    fits = torch.tensor([1.0 if need is not None and need * headroom <= budget else 0.0])
+    _, world = rank_and_world()
+    if world > 1:
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN)
+    ok = fits.item() == 1.0
+    size = "of unknown size" if need is None else f"{need / 2**30:.2f} GiB"
+    return ok, (f"the whole model, {size} x {headroom} headroom, {'fits' if ok else 'does not fit'} "
+                f"{'every' if ok else 'some'} rank's budget of {budget / 2**30:.2f} GiB ({source}, this rank)")
