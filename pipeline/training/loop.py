@@ -37,7 +37,8 @@ from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.training.engine import (ROOMY_HEADROOM, assert_partitioned, deepspeed_config, load_model,
                                       lr_lambda_factory, reset_optimizer_state, restart_schedule, seed_everything)
 from pipeline.training.faults import Faults
-from pipeline.training.memory import PhaseMemory, gather_and_log, release_freed_heap, whole_model_fits
+from pipeline.training.memory import (PhaseMemory, gather_and_log, release_freed_heap, return_large_frees_to_os,
+                                      whole_model_fits)
 from pipeline.training.nodes import (Node, check_shared_storage, gather_nodes, node_table, shared_folders,
                                      start_system_metrics)
 from pipeline.training.partitioned_load import folder_weight_bytes
@@ -174,6 +175,8 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     memory.enter("load")
     roomy, why = whole_model_fits(cfg, folder_weight_bytes(cfg.model.path), ROOMY_HEADROOM)
     log(f"ZeRO-3 limits: {'DeepSpeed defaults (fastest)' if roomy else 'sized to the model (least memory)'}: {why}")
+    if not roomy:
+        log(f"memory: {return_large_frees_to_os()}")
     ds_config = deepspeed_config(cfg, roomy)
     # The checkpoint to resume from is chosen before the engine exists: one written by another
     # number of ranks changes train.grad_accum (the same global batch), hence the engine's config.

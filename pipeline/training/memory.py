@@ -121,6 +121,26 @@ def gather_and_log(memory: PhaseMemory, tracker, run_dir, step: int) -> dict | N
     return out
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+TIGHT_MMAP_THRESHOLD = 4 * 2**20
+
+
+def return_large_frees_to_os() -> str:
+    """For a rank short of memory: glibc serves every allocation of 4 MiB or more with its own
+    mmap, so a freed gather buffer goes back to the OS at once. By default glibc raises that
+    threshold as large blocks are freed (up to 32 MiB), after which ZeRO-3's gather buffers come
+    from the heap and stay resident when freed: measured on a 2.3 GB model, 2 ranks, per-phase
+    peaks fell from up to 2.65x to at most 1.88x a rank's share, for 25% more time per step
+    (fresh pages for every gathered weight). A MALLOC_MMAP_THRESHOLD_ set by the user wins."""
+    import os
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} (set by the environment)"
+    if _LIBC is None or not hasattr(_LIBC, "mallopt") or _LIBC.mallopt(M_MMAP_THRESHOLD, TIGHT_MMAP_THRESHOLD) != 1:
+        return "glibc's default (mallopt unavailable)"
+    return f"allocations >= {TIGHT_MMAP_THRESHOLD >> 20} MiB mapped and returned on free"
+
+
 # ----------------------------------------------------------------------------- does a whole model fit a rank?
 def rank_memory_budget() -> tuple[int, str]:
     """(bytes, where from) one rank may use when workers.memory_budget_gb is unset: on a GPU,
