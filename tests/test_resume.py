@@ -148,6 +148,19 @@ def test_retention_keeps_the_newest_tags_and_never_the_one_latest_does_not_name_
     assert prune_checkpoints(ckpt, None) == []
 
 
+def test_retention_also_keeps_the_first_tag_holding_each_switchs_state(tmp_path):
+    """LoRA-TSD switching at steps 2 and 4, a checkpoint every 3 steps, keep 1: step3 (the first
+    after the Init switch) and step6 (the first after the dash switch) stay with the newest."""
+    from pipeline.training.checkpoint import prune_checkpoints
+
+    ckpt = tmp_path / "checkpoints"
+    for step in (3, 6, 9, 12):
+        (ckpt / f"step{step}").mkdir(parents=True)
+    (ckpt / "latest").write_text("step12")
+    assert prune_checkpoints(ckpt, 1, (2, 4)) == ["step9"]
+    assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["step12", "step3", "step6"]
+
+
 def test_cpu_offload_trains_switches_exports_and_resumes_like_the_plain_run(full_run):
     """configs/deepspeed/zero3_offload.json (parameters and optimizer state offloaded to CPU):
     the same LoRA-TSD run through both switches and the export, and a resume after the Init

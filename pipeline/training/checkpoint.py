@@ -34,7 +34,7 @@ from tsd.switch import INIT, switch_kind
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_state: dict,
-                    keep: int | None = None) -> None:
+                    keep: int | None = None, switch_at: tuple[int, ...] = ()) -> None:
     """A DeepSpeed checkpoint (module incl. the TSD buffers, optimizer, schedule) plus the data
     position and this rank's RNG state (dropout), so a resumed run continues bit for bit; and
     the tag's layout (world size, batch settings), so it can resume on another world size."""
@@ -64,7 +64,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
         pending.write_text(tag)
         os.replace(pending, ckpt_dir / "latest")
     log(f"checkpoint {tag} written to {ckpt_dir}")
-    deleted = prune_checkpoints(ckpt_dir, keep)
+    deleted = prune_checkpoints(ckpt_dir, keep, switch_at)
     if deleted:
         log(f"deleted older checkpoint(s) {', '.join(deleted)} (train.keep_checkpoints: {keep})")
 
@@ -86,16 +86,19 @@ def rebuild_after_resume(model, client_state: dict) -> int:
     return rebuilt
 
 
-def prune_checkpoints(ckpt_dir: Path, keep: int | None) -> list[str]:
+def prune_checkpoints(ckpt_dir: Path, keep: int | None, switch_at: tuple[int, ...] = ()) -> list[str]:
     """Delete all but the newest `keep` stepN tags (rank 0, after a save has completed on every
-    rank, so the newest is whole before anything older goes; `latest` always names a kept one).
-    Returns the tags deleted."""
+    rank, so the newest is whole before anything older goes; `latest` always names a kept one),
+    except the first tag at or after each switch step in `switch_at`: it holds that switch's
+    state (directions, LoRA-Init's A0/B0) and is the earliest point a run can go back to without
+    decomposing again. Returns the tags deleted."""
     rank, _ = rank_and_world()
     if keep is None or rank != 0 or not ckpt_dir.is_dir():
         return []
     tags = sorted((d.name for d in ckpt_dir.iterdir() if d.is_dir() and _step_of(d.name) is not None), key=_step_of)
     latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
-    doomed = [t for t in tags[:-keep] if t != latest]
+    pinned = {next((t for t in tags if _step_of(t) >= at), None) for at in switch_at}
+    doomed = [t for t in tags[:-keep] if t != latest and t not in pinned]
     for tag in doomed:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     return doomed

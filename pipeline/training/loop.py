@@ -47,7 +47,7 @@ from pipeline.training.reshard import Layout, keep_global_batch, load_resharded,
 from pipeline.training.sharded_switch import sharded_switch
 from tsd.export import collect_state, save_adapter
 from tsd.inject import inject, tsd_layers
-from tsd.switch import due_switches, switch_kind
+from tsd.switch import due_switches, switch_kind, switch_steps
 
 
 @dataclass
@@ -277,6 +277,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
     engine, total_steps, ckpt_dir = s.engine, s.total_steps, cfg.run_dir.resolve() / "checkpoints"
     result = TrainResult()
     accum = cfg.train.grad_accum
+    switch_at = tuple(sorted(switch_steps(cfg.method.tsd()).values()))  # retention keeps their state's tags
     step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
     # The data position: micro-batches trained on so far, over all epochs (a resume starts there).
     micro_index = s.consumed_micro
@@ -335,7 +336,8 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
             run_due_switches(s, cfg, ctx, tracker, step, result)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
                 s.memory.enter("checkpoint")
-                save_checkpoint(engine, ckpt_dir, step, micro_index, s.sched_state, cfg.train.keep_checkpoints)
+                save_checkpoint(engine, ckpt_dir, step, micro_index, s.sched_state, cfg.train.keep_checkpoints,
+                                switch_at)
                 s.memory.enter("train")
             step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
             if step >= total_steps:
@@ -345,7 +347,8 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
 
     result.steps = engine.global_steps
     s.memory.enter("checkpoint")
-    save_checkpoint(engine, ckpt_dir, result.steps, micro_index, s.sched_state, cfg.train.keep_checkpoints)
+    save_checkpoint(engine, ckpt_dir, result.steps, micro_index, s.sched_state, cfg.train.keep_checkpoints,
+                    switch_at)
     return finish(s, cfg, ctx, tracker, result)
 
 
