@@ -250,3 +250,38 @@ def test_a_two_rank_checkpoint_resumes_on_another_number_of_ranks(two_rank_run, 
             assert torch.equal(new[k], ref[k]), f"TSD state {k} differs"
         else:
             torch.testing.assert_close(new[k], ref[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_a_crashed_run_rerun_on_one_rank_continues_in_its_mlflow_run(two_rank_run):
+    """The same config as the 2-rank run under another name, stopped by a NaN at step 7 (its
+    MLflow run FAILED, checkpoint step6 kept), rerun on 1 rank without the fault: the same MLflow
+    run continues (restarts = 1, resharded 2 -> 1), steps 7-8 land in it with the 2-rank run's
+    losses, and it ends FINISHED with the 2-rank run's adapter."""
+    import mlflow
+
+    wd, cfg = two_rank_run
+    path = wd / "cut.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "name": "cut"}))
+    first = torchrun_worker(path, TSD_INJECT_NAN_AT_STEP="7")
+    assert first.returncode != 0 and "non-finite loss" in first.stdout + first.stderr
+    client = mlflow.MlflowClient(cfg["tracking"]["uri"])
+    exp = client.get_experiment_by_name(cfg["tracking"]["experiment"])
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'cut'")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    proc = torchrun_worker(path, nproc=1)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert "continuing MLflow run" in proc.stderr
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'cut'")
+    assert len(runs) == 1, "a rerun must not create a second MLflow run"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["restarts"] == "1" and run.data.tags["resharded"] == "2 -> 1 ranks at step 6"
+    want, _ = _losses(cfg, "two")
+    got = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert sorted(got) == list(range(1, 9))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
+    ref = load_file(str(wd / "runs/two/adapter/tsd_state.safetensors"))
+    new = load_file(str(wd / "runs/cut/adapter/tsd_state.safetensors"))
+    for k in ref:
+        torch.testing.assert_close(new[k], ref[k], atol=1e-6, rtol=0, msg=k)

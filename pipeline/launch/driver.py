@@ -25,7 +25,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from pipeline.config import RunConfig, from_dict
 from pipeline.logs import log
 from pipeline.tracking.secrets import mask_secrets
-from pipeline.tracking.store import close_run, start_run
+from pipeline.tracking.store import close_run, start_or_continue_run
+from pipeline.training.reshard import checkpoint_run_id
 from pipeline.training.loop import WorkerContext, train
 
 
@@ -87,7 +88,7 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
     w = cfg.workers
     run_id = None
     if not cfg.tracking.offline:
-        run_id = start_run(
+        run_id, continued = start_or_continue_run(
             tracking_uri,
             cfg.tracking.experiment,
             cfg.tracking.run_name or cfg.name,
@@ -98,8 +99,10 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
                 "hosts": socket.gethostname(),
             },
             params=cfg.to_dict(),
+            previous=checkpoint_run_id(cfg.run_dir.resolve()),
         )
-        log(f"MLflow run {run_id} in experiment {cfg.tracking.experiment!r} at {mask_secrets(tracking_uri)}")
+        log(f"{'continuing ' if continued else ''}MLflow run {run_id} in experiment {cfg.tracking.experiment!r} "
+            f"at {mask_secrets(tracking_uri)}")
     if w.max_failures and not cfg.train.checkpoint_every:
         log("warning: workers.max_failures is set but train.checkpoint_every is not: a restarted "
             "worker group starts again from step 0")

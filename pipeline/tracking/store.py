@@ -246,6 +246,30 @@ def start_run(
     return run_id
 
 
+def start_or_continue_run(tracking_uri: str, experiment: str, run_name: str | None, tags: Mapping[str, Any] | None,
+                          params: Mapping[str, Any] | Any | None, previous: str | None) -> tuple[str, bool]:
+    """The MLflow run of this training run: `previous` (the run its newest checkpoint belongs to)
+    when that run exists, is this experiment's run of the same name and did not finish (a rerun
+    after a crash, or on another number of ranks, continues it; `restarts` counts the resumes),
+    else a new one (`start_run`). A continued run keeps its params (MLflow cannot change them;
+    the config of each session is in config/run_config.json) and gets the new tags.
+    Returns (run id, whether it is the previous run continued)."""
+    if previous:
+        try:
+            run = client(tracking_uri).get_run(previous)
+            exp = client(tracking_uri).get_experiment(run.info.experiment_id)
+        except Exception:  # noqa: BLE001 - gone, or another store: a new run
+            run = None
+        if (run is not None and exp.name == experiment and run.info.run_name == run_name
+                and run.info.lifecycle_stage == "active" and run.info.status != "FINISHED"):
+            mlflow_client = client(tracking_uri)
+            mlflow_client.update_run(previous, status="RUNNING")
+            for k, v in clean_tags(tags).items():
+                mlflow_client.set_tag(previous, k, v)
+            return previous, True
+    return start_run(tracking_uri, experiment, run_name, tags, params), False
+
+
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark the run terminated with `status` (FINISHED, FAILED or KILLED)."""
     status = status.upper()

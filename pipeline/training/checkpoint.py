@@ -34,7 +34,7 @@ from tsd.switch import INIT, switch_kind
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_state: dict,
-                    keep: int | None = None, switch_at: tuple[int, ...] = ()) -> None:
+                    keep: int | None = None, switch_at: tuple[int, ...] = (), run_id: str | None = None) -> None:
     """A DeepSpeed checkpoint (module incl. the TSD buffers, optimizer, schedule) plus the data
     position and this rank's RNG state (dropout), so a resumed run continues bit for bit; and
     the tag's layout (world size, batch settings), so it can resume on another world size."""
@@ -59,7 +59,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
     )
     if rank == 0:
         write_layout(ckpt_dir / tag, world, engine.train_micro_batch_size_per_gpu(),
-                     engine.gradient_accumulation_steps())
+                     engine.gradient_accumulation_steps(), run_id)
         pending = ckpt_dir / "latest.tmp"
         pending.write_text(tag)
         os.replace(pending, ckpt_dir / "latest")

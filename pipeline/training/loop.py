@@ -29,7 +29,7 @@ from pipeline.paths import write_json_atomic
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.registry import register_adapter
 from pipeline.tracking.secrets import mask_secrets
-from pipeline.tracking.store import client, close_run, start_run
+from pipeline.tracking.store import client, close_run, start_or_continue_run
 from pipeline.training import rank_failure
 from pipeline.training.checkpoint import (choose_resume_tag, rebuild_after_resume, restore_rng, save_checkpoint,
                                          weights_only_checkpoint_engine)
@@ -43,7 +43,8 @@ from pipeline.training.nodes import (Node, check_shared_storage, gather_nodes, n
                                      start_system_metrics)
 from pipeline.training.partitioned_load import folder_weight_bytes
 from pipeline.training.rank_failure import on_peer_failure
-from pipeline.training.reshard import Layout, keep_global_batch, load_resharded, map_data_position, read_layout
+from pipeline.training.reshard import (Layout, checkpoint_run_id, keep_global_batch, load_resharded, map_data_position,
+                                      read_layout)
 from pipeline.training.sharded_switch import sharded_switch
 from tsd.export import collect_state, save_adapter
 from tsd.inject import inject, tsd_layers
@@ -115,13 +116,16 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     run_id = ctx.run_id
     owns_run = rank == 0 and run_id is None and not cfg.tracking.offline
     if owns_run:
-        run_id = start_run(
+        run_id, continued = start_or_continue_run(
             ctx.tracking_uri,
             cfg.tracking.experiment,
             cfg.tracking.run_name or cfg.name,
             tags={"method": cfg.method.method, "world_size": str(world), "launcher": ctx.launcher},
             params=cfg.to_dict(),
+            previous=checkpoint_run_id(cfg.run_dir.resolve()),
         )
+        if continued:
+            log(f"continuing MLflow run {run_id}, which this run folder's newest checkpoint belongs to")
         # Another rank's failure ends this one from a watcher thread (main_entry): close the run first.
         on_peer_failure(lambda line: close_run(ctx.tracking_uri, run_id, "FAILED"))
     stage = cfg.run_dir.resolve() / "mlflow-stage"  # where logs wait if the tracking server is away
@@ -337,7 +341,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
                 s.memory.enter("checkpoint")
                 save_checkpoint(engine, ckpt_dir, step, micro_index, s.sched_state, cfg.train.keep_checkpoints,
-                                switch_at)
+                                switch_at, tracker.run_id)
                 s.memory.enter("train")
             step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
             if step >= total_steps:
@@ -348,7 +352,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
     result.steps = engine.global_steps
     s.memory.enter("checkpoint")
     save_checkpoint(engine, ckpt_dir, result.steps, micro_index, s.sched_state, cfg.train.keep_checkpoints,
-                    switch_at)
+                    switch_at, tracker.run_id)
     return finish(s, cfg, ctx, tracker, result)
 
 

@@ -42,6 +42,7 @@ class Layout:
     world_size: int
     micro_batch_size: int | None = None
     grad_accum: int | None = None
+    mlflow_run_id: str | None = None  # the MLflow run the checkpoint belongs to (a rerun continues it)
 
     @property
     def global_batch(self) -> int | None:
@@ -50,10 +51,12 @@ class Layout:
         return self.world_size * self.micro_batch_size * self.grad_accum
 
 
-def write_layout(tag_dir: Path, world: int, micro_batch_size: int, grad_accum: int) -> None:
+def write_layout(tag_dir: Path, world: int, micro_batch_size: int, grad_accum: int,
+                 mlflow_run_id: str | None = None) -> None:
     """Rank 0, after every rank's files of the tag are complete (written before `latest` moves)."""
     tmp = tag_dir / f".{LAYOUT_FILE}.tmp"
-    tmp.write_text(json.dumps({"world_size": world, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum}))
+    tmp.write_text(json.dumps({"world_size": world, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum,
+                               "mlflow_run_id": mlflow_run_id}))
     tmp.replace(tag_dir / LAYOUT_FILE)
 
 
@@ -63,11 +66,21 @@ def read_layout(tag_dir: Path) -> Layout:
     if path.is_file():
         try:
             raw = json.loads(path.read_text())
-            return Layout(int(raw["world_size"]), int(raw["micro_batch_size"]), int(raw["grad_accum"]))
+            return Layout(int(raw["world_size"]), int(raw["micro_batch_size"]), int(raw["grad_accum"]),
+                          raw.get("mlflow_run_id"))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint {tag_dir}: {LAYOUT_FILE} is unreadable ({e})") from None
     ranks = len(list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")))
     return Layout(max(ranks, 1))
+
+
+def checkpoint_run_id(run_dir: Path) -> str | None:
+    """The MLflow run of the run folder's newest checkpoint (the tag `latest` names), if it says."""
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    try:
+        return read_layout(latest.parent / latest.read_text().strip()).mlflow_run_id
+    except (OSError, ValueError):
+        return None
 
 
 def keep_global_batch(cfg, saved: Layout, world: int):
