@@ -192,7 +192,7 @@ def tag_problem(tag_dir: Path, rank: int, bf16: bool, world: int | None = None) 
     if world is None or world == saved:
         wanted = _rank_files(rank, bf16)
     else:
-        wanted = [[f"zero_pp_rank_0_mp_rank_00_model_states.pt"]] + [_rank_files(r, bf16)[1] for r in range(saved)]
+        wanted = [["zero_pp_rank_0_mp_rank_00_model_states.pt"]] + [_rank_files(r, bf16)[1] for r in range(saved)]
     for names in wanted:
         present = [tag_dir / n for n in names if (tag_dir / n).exists()]
         if not present:

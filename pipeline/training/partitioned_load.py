@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 
-from pipeline.logs import log
 
 
 class CannotLoadPartitioned(Exception):
