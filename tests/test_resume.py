@@ -26,19 +26,25 @@ def _worker(cfg: Path):
     return proc
 
 
-@pytest.fixture(scope="module")
-def full_run(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("resume")
+def _tsd_run(wd: Path, name: str, experiment: str, method: dict, train: dict, data: dict | None = None):
+    """A 2-rank LoRA-TSD run of the tiny model in `wd`, a checkpoint every step (all kept),
+    tracked in wd/mlflow.db: (wd, its config dict)."""
     make_tiny_model(wd / "model")
-    cfg = tiny_config(wd / "model", wd / "runs", "full")
-    cfg["method"].update(method="tsd", switch_step=2, dropout=0.1)
-    cfg["train"].update(max_steps=6, checkpoint_every=1, keep_checkpoints=None, warmup_steps=2, schedule="linear",
-                        log_every=1)
-    cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment="resume")
-    path = wd / "full.yaml"
+    cfg = tiny_config(wd / "model", wd / "runs", name)
+    cfg["data"].update(data or {})
+    cfg["method"].update(method="tsd", **method)
+    cfg["train"].update(checkpoint_every=1, keep_checkpoints=None, log_every=1, **train)
+    cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment=experiment)
+    path = wd / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     _worker(path)
     return wd, cfg
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    return _tsd_run(tmp_path_factory.mktemp("resume"), "full", "resume", dict(switch_step=2, dropout=0.1),
+                    dict(max_steps=6, warmup_steps=2, schedule="linear"))
 
 
 def intended_lr(step: int, lr: float, warmup: int, total: int, switch: int) -> float:
@@ -194,18 +200,8 @@ def two_rank_run(tmp_path_factory):
     divide), 30 examples (an epoch is 5 steps on 1, 2 and 3 ranks alike), switches at 2 and 4,
     8 steps, a checkpoint every step. Dropout off: after a world-size change another rank draws
     each example's mask, so only dropout-free runs can be compared step by step."""
-    wd = tmp_path_factory.mktemp("reshard")
-    make_tiny_model(wd / "model")
-    cfg = tiny_config(wd / "model", wd / "runs", "two")
-    cfg["data"]["limit"] = 30
-    cfg["method"].update(method="tsd", switch_step=2, dropout=0.0)
-    cfg["train"].update(max_steps=8, checkpoint_every=1, keep_checkpoints=None, micro_batch_size=1, grad_accum=3,
-                        log_every=1)
-    cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment="reshard")
-    path = wd / "two.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    _worker(path)
-    return wd, cfg
+    return _tsd_run(tmp_path_factory.mktemp("reshard"), "two", "reshard", dict(switch_step=2, dropout=0.0),
+                    dict(max_steps=8, micro_batch_size=1, grad_accum=3), data=dict(limit=30))
 
 
 def _losses(cfg: dict, name: str):
