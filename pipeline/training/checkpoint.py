@@ -67,6 +67,11 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
     deleted = prune_checkpoints(ckpt_dir, keep, switch_at)
     if deleted:
         log(f"deleted older checkpoint(s) {', '.join(deleted)} (train.keep_checkpoints: {keep})")
+    # Rank 0 alone moves `latest` and prunes: the others wait for it, so that on every rank,
+    # once this returns, `latest` names this tag and no older tag is half deleted (without it a
+    # rank reading `latest` right after saving could see the previous tag: CI caught that once).
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 LEAN = "frozen_base_not_saved"  # client-state key of a checkpoint without the frozen base
