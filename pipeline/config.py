@@ -177,7 +177,13 @@ class TrainConfig:
 
 @dataclass(config=_SECTION_RULES, frozen=True)
 class DeepSpeedConfig:
-    config: Text = "configs/deepspeed/zero3.json"
+    # The DeepSpeed JSON: batch, precision, ZeRO settings ("auto" values are filled by the pipeline).
+    config: Text = "configs/deepspeed/default.json"
+    # How the weights are spread over the ranks: zero3 (partitioned: models too big for one rank),
+    # zero2 (whole weights, partitioned optimizer state), ddp (plain data parallel, DeepSpeed stage 0);
+    # auto: the fastest that fits every rank's memory (pipeline.training.strategy). A stage written in
+    # the JSON counts as the user's choice.
+    strategy: Literal["auto", "zero3", "zero2", "ddp"] = "auto"
 
 
 @dataclass(config=_SECTION_RULES, frozen=True)

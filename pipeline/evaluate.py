@@ -332,6 +332,7 @@ def log_results(result: Mapping[str, Any], tracking_uri: str, run_id: str, out_d
 # ----------------------------------------------------------------------------- after training
 EVAL_WHOLE = "whole"  # each rank its own unpartitioned copy: fast generation, one model per rank
 EVAL_PARTITIONED = "partitioned"  # the ZeRO-3 model itself: memory model/world, every token gathers
+EVAL_TRAINED = "trained"  # ZeRO-2 / data parallel: the trained model, whole on every rank already
 # A whole copy costs its weights plus generation's own memory (activations, beams' KV cache);
 # the headroom below covers the latter for the harness's batch sizes.
 WHOLE_COPY_HEADROOM = 1.25
@@ -348,6 +349,9 @@ def choose_eval_model(cfg: RunConfig, module) -> tuple[str, str]:
     (the partitioned path is collective): a whole copy only when it fits on every rank."""
     setting = cfg.train.eval_model
     need = model_bytes(module)
+    if not _is_partitioned(module):
+        # ZeRO-2 / data parallel: the trained model is whole on every rank already; no copy needed
+        return EVAL_TRAINED, "the trained model is whole on every rank (not ZeRO-3)"
     if setting != "auto":
         return setting, f"train.eval_model: {setting}; the whole model is {need / 2**30:.2f} GiB"
     fits, why = whole_model_fits(cfg, need, WHOLE_COPY_HEADROOM)
@@ -381,7 +385,7 @@ def evaluate_after_training(engine, adapter_state: dict, tokenizer, cfg: RunConf
     how, why = choose_eval_model(cfg, engine.module)
     log(f"evaluating on {', '.join(sets)} with the {how} model ({why}); beams {t.eval_num_beams}, "
         f"max new tokens {t.eval_max_new_tokens}, batch {t.eval_batch_size}, limit {t.eval_limit} rows per task")
-    release_training_state(engine, keep_module=how == EVAL_PARTITIONED)
+    release_training_state(engine, keep_module=how != EVAL_WHOLE)
     eval_model = unpartitioned_copy(cfg, adapter_state) if how == EVAL_WHOLE else engine.module
     result = evaluate_tasks(
         eval_model, tokenizer, {task: load_records(path) for task, path in sets.items()},

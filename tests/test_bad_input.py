@@ -174,12 +174,22 @@ def test_deepspeed_config_not_json(tmp_path, base, capsys):
     _assert_clear_error(*_train(tmp_path, base, capsys), "deepspeed.config:", "ds.json is not valid JSON")
 
 
-def test_deepspeed_config_not_stage_3(tmp_path, base, capsys):
+def test_deepspeed_config_unsupported_stage(tmp_path, base, capsys):
     ds = json.loads((ROOT / "configs/deepspeed/zero3.json").read_text())
-    ds["zero_optimization"]["stage"] = 2
+    ds["zero_optimization"]["stage"] = 1
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     base["deepspeed"]["config"] = str(tmp_path / "ds.json")
-    _assert_clear_error(*_train(tmp_path, base, capsys), "deepspeed.config:", "must use ZeRO stage 3")
+    _assert_clear_error(*_train(tmp_path, base, capsys), "deepspeed.config:", "zero_optimization.stage 1 is not one of")
+
+
+def test_strategy_contradicting_the_deepspeed_json(tmp_path, base, capsys):
+    base["deepspeed"].update(config=str(ROOT / "configs/deepspeed/zero3.json"), strategy="ddp")
+    _assert_clear_error(*_train(tmp_path, base, capsys), "deepspeed.strategy: ddp contradicts zero_optimization.stage 3")
+
+
+def test_strategy_unknown(tmp_path, base, capsys):
+    base["deepspeed"]["strategy"] = "zero4"
+    _assert_clear_error(*_train(tmp_path, base, capsys), "deepspeed.strategy")
 
 
 def test_config_file_missing(tmp_path, capsys):

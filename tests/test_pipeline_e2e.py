@@ -69,8 +69,12 @@ def ray_run(workdir):
 
 @pytest.fixture(scope="module")
 def launcher_run(workdir):
-    cfg = _config(workdir, "ds-dash")
-    proc = _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29533", "--module", "pipeline.launch.worker", str(cfg)])
+    """Through launch/deepspeed.sh with an override: --set must reach every rank (it once went to
+    the deepspeed launcher, which refused it); the run's name, hence its folder, comes from it."""
+    cfg = _config(workdir, "ds-dash-unset")
+    proc = _run(["bash", "launch/deepspeed.sh", str(cfg), "--set", "name=ds-dash"],
+                NPROC="2", MASTER_PORT="29533", DEEPSPEED=str(BIN / "deepspeed"))
+    assert not (workdir / "runs/ds-dash-unset").exists()
     return {"proc": proc, "dir": workdir / "runs/ds-dash"}
 
 

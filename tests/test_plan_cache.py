@@ -106,12 +106,12 @@ def test_single_process_sharded_switch_with_cold_and_warm_cache_equals_run_switc
     cold = sharded_switch(_model(), "dash", 1, cache_dir=str(tmp_path))
     warm = sharded_switch(_model(), "dash", 1, cache_dir=str(tmp_path))
     assert cold.cache_hits == 0 and warm.cache_hits == len(ref)
-    assert len(list(tmp_path.glob("*.safetensors"))) == len(ref) == len(list(tmp_path.glob("*.alias")))
-    for alias in tmp_path.glob("*.alias"):  # damaged aliases: the weights are hashed again and still hit
-        alias.write_text("garbage")
+    # Whole weights (no ZeRO-3) are found by their content key alone: no partition aliases.
+    assert len(list(tmp_path.glob("*.safetensors"))) == len(ref) and not list(tmp_path.glob("*.alias"))
+    damaged = sorted(tmp_path.glob("*.safetensors"))[0]  # a damaged entry is a miss, recomputed and rewritten
+    damaged.write_bytes(b"garbage")
     again = sharded_switch(_model(), "dash", 1, cache_dir=str(tmp_path))
-    assert again.cache_hits == len(ref)
-    assert all(len(a.read_text()) == 64 for a in tmp_path.glob("*.alias"))  # and the aliases are rewritten
+    assert again.cache_hits == len(ref) - 1 and damaged.stat().st_size > 100
     for r, c, w, a in zip(ref, cold.directions, warm.directions, again.directions):
         assert torch.equal(r.indices, c.indices) and torch.equal(c.indices, w.indices)
         assert torch.equal(w.indices, a.indices)

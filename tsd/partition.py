@@ -99,10 +99,12 @@ def gather_to(params: Sequence[torch.Tensor], dst: int) -> list[torch.Tensor] | 
 
 
 def set_master_copy(param: torch.Tensor, value: torch.Tensor) -> None:
-    """After editing a trainable ZeRO-3 parameter in place (GatheredParameters with a
-    modifier rank), also overwrite the optimizer's fp32 master partition; otherwise the next
-    optimizer step computes from the stale master copy and silently undoes the edit."""
-    if is_partitioned(param) and hasattr(param, "_z3_optimizer"):
+    """After editing a trainable parameter in place (under ZeRO-3 inside GatheredParameters
+    with a modifier rank), also overwrite the optimizer's fp32 master partition, which ZeRO-3,
+    ZeRO-2 and DeepSpeed's bf16 optimizer keep apart from the parameter; otherwise the next
+    optimizer step computes from the stale master copy and silently undoes the edit. Without
+    a master copy (plain data parallel in fp32, one process) there is nothing to do."""
+    if (is_partitioned(param) and hasattr(param, "_z3_optimizer")) or hasattr(param, "_hp_mapping"):
         from deepspeed.utils import safe_set_full_fp32_param  # deferred: tsd/ runs without DeepSpeed
 
         safe_set_full_fp32_param(param, value.to(torch.float32))

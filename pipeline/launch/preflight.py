@@ -21,7 +21,8 @@ from pipeline.evaluate import row_format
 from pipeline.logs import log
 from pipeline.tracking.registry import model_registry_problem
 from pipeline.tracking.secrets import mask_secrets
-from pipeline.training.engine import deepspeed_config
+from pipeline.training.engine import read_deepspeed_json
+from pipeline.training.strategy import STAGES
 from pipeline.training.loop import optimizer_steps
 from tsd.inject import inject
 
@@ -115,7 +116,10 @@ def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None
     and its targets, the data files, the DeepSpeed config, that the switch fits in training,
     the workers against this machine (local Ray) and the tracking server."""
     check_paths(cfg)  # every input exists as a file/folder, every output folder can be made
-    deepspeed_config(cfg)  # exists, is JSON, is ZeRO-3
+    stage = read_deepspeed_json(cfg).get("zero_optimization", {}).get("stage")  # exists, is JSON, a known stage
+    if cfg.deepspeed.strategy != "auto" and isinstance(stage, int) and stage != STAGES[cfg.deepspeed.strategy]:
+        raise ValueError(f"deepspeed.strategy: {cfg.deepspeed.strategy} contradicts zero_optimization.stage {stage} "
+                         f"in {cfg.deepspeed.config}; set one of them (the stage to \"auto\")")
     _check_model(cfg)
     n = _check_data(cfg)
     optimizer_steps(cfg, n, world or cfg.workers.num_workers)  # data enough for a step; the switch fits

@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover
 from pipeline.logs import log
 from pipeline.training.distributed import rank_and_world
 from pipeline.training.reshard import read_layout, write_layout
+from pipeline.training.strategy import strategy_of_stage
 from tsd.inject import tsd_layers
 from tsd.switch import INIT, switch_kind
 
@@ -59,7 +60,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
     )
     if rank == 0:
         write_layout(ckpt_dir / tag, world, engine.train_micro_batch_size_per_gpu(),
-                     engine.gradient_accumulation_steps(), run_id)
+                     engine.gradient_accumulation_steps(), run_id, strategy_of_stage(engine.zero_optimization_stage()))
         pending = ckpt_dir / "latest.tmp"
         pending.write_text(tag)
         os.replace(pending, ckpt_dir / "latest")
@@ -114,15 +115,18 @@ def weights_only_checkpoint_engine(current):
     unpickles: a checkpoint folder from elsewhere could run code when a run resumes from it.
     This returns an engine that saves the same files (atomically) but loads them with
     weights_only=True, allowing only the plain-data DeepSpeed classes ZeRO-3 checkpoints hold
-    (the stage enum and the loss scalers, rebuilt from their attributes, no code of theirs run).
+    (the stage enum, the loss scalers and ZeRO-2's fragment addresses, rebuilt from their
+    attributes, no code of theirs run).
     Any other checkpoint engine configured in the DeepSpeed config is refused, not trusted."""
     # deepspeed imported here, not at the top: commands that only read checkpoints' names
     # (preflight, tests) need not pay for importing it.
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    # fragment_address: a dataclass of two ints (numel, start) in ZeRO-2's optimizer files.
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def save(self, state_dict, path: str):
@@ -185,19 +189,25 @@ def _is_whole_file(path: Path) -> bool:
 def tag_problem(tag_dir: Path, rank: int, bf16: bool, world: int | None = None) -> str | None:
     """Why this rank cannot resume from `tag_dir` (a missing, empty or truncated file), or None.
 
-    On the world size that wrote it, each rank checks only its own files (ZeRO-3 loads each
-    rank's partition from its own files). On another world size every rank reads every old
-    rank's optimizer file and old rank 0's model file (pipeline.training.reshard)."""
+    On the world size that wrote it, each rank checks only the files it loads (ZeRO-3 and
+    ZeRO-2 load each rank's optimizer partition from its own file). On another world size a
+    ZeRO-3 rank reads every old rank's optimizer file and old rank 0's model file
+    (pipeline.training.reshard); a data-parallel checkpoint is one model file whatever the world."""
     if not tag_dir.is_dir():
         return f"{tag_dir} does not exist"
     try:
-        saved = read_layout(tag_dir).world_size
+        layout = read_layout(tag_dir)
     except ValueError as e:
         return str(e)
-    if world is None or world == saved:
-        wanted = _rank_files(rank, bf16)
-    else:
-        wanted = [["zero_pp_rank_0_mp_rank_00_model_states.pt"]] + [_rank_files(r, bf16)[1] for r in range(saved)]
+    if world is None or world == layout.world_size or layout.strategy == "ddp":
+        wanted = _rank_files(min(rank, layout.world_size - 1), bf16, layout.strategy)
+    elif layout.strategy == "zero3":
+        wanted = [["zero_pp_rank_0_mp_rank_00_model_states.pt"]] + [
+            _rank_files(r, bf16, "zero3")[1] for r in range(layout.world_size)]
+    else:  # not a damaged tag to skip: training from scratch instead would throw the run away
+        raise ValueError(f"checkpoint {tag_dir} was written by {layout.world_size} ranks under {layout.strategy}, "
+                         f"which resumes only on {layout.world_size} ranks (this run has {world}); rerun on "
+                         f"{layout.world_size} ranks (ZeRO-3 and ddp checkpoints resume on any number)")
     for names in wanted:
         present = [tag_dir / n for n in names if (tag_dir / n).exists()]
         if not present:
@@ -207,12 +217,18 @@ def tag_problem(tag_dir: Path, rank: int, bf16: bool, world: int | None = None) 
     return None
 
 
-def _rank_files(rank: int, bf16: bool) -> list[list[str]]:
-    """The files one rank writes; a file is one of the names in a list (bf16 optimizer files
-    carry a prefix)."""
+def _rank_files(rank: int, bf16: bool, strategy: str = "zero3") -> list[list[str]]:
+    """The files one rank loads; a file is one of the names in a list (bf16 optimizer files
+    carry a prefix). ZeRO-3: its own model and optimizer files; ZeRO-2: rank 0's model file and
+    its own optimizer file; ddp: rank 0's model file (the optimizer state is in it)."""
     optim = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
              f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
-    return [[f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"], optim, [f"rng_rank{rank}.safetensors"]]
+    rng = [f"rng_rank{rank}.safetensors"]
+    if strategy == "zero3":
+        return [[f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"], optim, rng]
+    if strategy == "zero2":
+        return [["mp_rank_00_model_states.pt"], optim, rng]
+    return [["mp_rank_00_model_states.pt"], rng]
 
 
 def choose_resume_tag(ckpt_dir: Path, rank: int, world: int, bf16: bool = False) -> str | None:

@@ -18,6 +18,7 @@ from pipeline.config import RunConfig
 from pipeline.logs import log
 from pipeline.training.partitioned_load import CannotLoadPartitioned, load_partitioned, weight_files
 from pipeline.training.distributed import rank_and_world
+from pipeline.training.strategy import STAGES
 from tsd.partition import full_shape, is_partitioned
 
 
@@ -32,9 +33,9 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def deepspeed_config(cfg: RunConfig, roomy: bool = True) -> dict:
-    """The DeepSpeed JSON with its "auto" values filled from the run config (ZeRO-3's limits:
-    `zero3_limits`, by whether the whole model fits a rank: `roomy`)."""
+def read_deepspeed_json(cfg: RunConfig) -> dict:
+    """The DeepSpeed JSON of deepspeed.config, checked: valid JSON, a ZeRO stage of 0, 2, 3 or
+    "auto" (then deepspeed.strategy decides: pipeline.training.strategy)."""
     path = Path(cfg.deepspeed.config)
     try:
         ds = json.loads(path.read_text())
@@ -42,6 +43,18 @@ def deepspeed_config(cfg: RunConfig, roomy: bool = True) -> dict:
         raise FileNotFoundError(f"deepspeed.config: {path} not found") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"deepspeed.config: {path} is not valid JSON: {e}") from None
+    stage = ds.get("zero_optimization", {}).get("stage", "auto")
+    if stage != "auto" and (isinstance(stage, bool) or stage not in STAGES.values()):
+        raise ValueError(f"deepspeed.config: {path}: zero_optimization.stage {stage!r} is not one of 0 (ddp), "
+                         f"2 (zero2), 3 (zero3) or \"auto\" (deepspeed.strategy decides)")
+    return ds
+
+
+def deepspeed_config(cfg: RunConfig, strategy: str = "zero3", roomy: bool = True) -> dict:
+    """The DeepSpeed JSON with its "auto" values filled from the run config: the ZeRO stage of
+    `strategy`, and under ZeRO-3 its limits (`zero3_limits`, by whether the whole model fits a
+    rank: `roomy`). Settings only ZeRO-3 reads are dropped under the other strategies."""
+    ds = read_deepspeed_json(cfg)
     t = cfg.train
     fills = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -53,15 +66,17 @@ def deepspeed_config(cfg: RunConfig, roomy: bool = True) -> dict:
             ds[key] = value
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from micro x accum x world
     zero = ds.setdefault("zero_optimization", {})
-    for key, value in zero3_limits(cfg, roomy).items():
-        if zero.get(key, "auto") == "auto":
+    zero["stage"] = STAGES[strategy]
+    if strategy != "zero3":
+        for key in [k for k in zero if k.startswith("stage3_") or k == "offload_param"]:
+            del zero[key]
+    for key, value in zero3_limits(cfg, roomy or strategy != "zero3").items():
+        if zero.get(key, "auto") == "auto" and (strategy == "zero3" or not key.startswith("stage3_")):
             zero[key] = value
     for key, on in (("bf16", t.precision == "bf16"), ("fp16", t.precision == "fp16")):
         section = ds.setdefault(key, {})
         if section.get("enabled", "auto") == "auto":
             section["enabled"] = on
-    if ds.get("zero_optimization", {}).get("stage") != 3:
-        raise ValueError(f"deepspeed.config: {path} must use ZeRO stage 3 (the pipeline's switch assumes it)")
     return ds
 
 
@@ -100,30 +115,34 @@ def zero3_limits(cfg: RunConfig, roomy: bool) -> dict[str, int]:
 
 
 def load_model(cfg: RunConfig, ds_config: dict):
-    """Load the base model partitioned by ZeRO-3 (every rank keeps only its slices).
+    """Load the base model: under ZeRO-3 partitioned (every rank keeps only its slices), else a
+    whole copy on every rank.
 
     `HfDeepSpeedConfig` must exist, and stay referenced, while `from_pretrained` runs: it is
-    how transformers knows to build the model inside `deepspeed.zero.Init`.
+    how transformers knows to build the model inside `deepspeed.zero.Init` (ZeRO-3 only).
     """
     path = Path(cfg.model.path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
     hf_ds = HfDeepSpeedConfig(ds_config)
     dtype = getattr(torch, cfg.model.dtype)
-    try:
-        weight_files(path)  # safetensors: each rank reads only its slices (no whole copy on rank 0)
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-        load_partitioned(model, path)
-        if (path / "generation_config.json").is_file():
-            model.generation_config = GenerationConfig.from_pretrained(str(path))
-        model.eval()  # as from_pretrained leaves it; the loop switches to training mode
-    except CannotLoadPartitioned as why:
-        log(f"WARNING: loading {path} through transformers' ZeRO-3 path, where rank 0 holds the whole model "
-            f"while loading: {why}")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype,
-                                                     trust_remote_code=cfg.model.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    remote = cfg.model.trust_remote_code
+    if ds_config["zero_optimization"]["stage"] != 3:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=remote)
+    else:
+        try:
+            weight_files(path)  # safetensors: each rank reads only its slices (no whole copy on rank 0)
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=remote)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
+            load_partitioned(model, path)
+            if (path / "generation_config.json").is_file():
+                model.generation_config = GenerationConfig.from_pretrained(str(path))
+            model.eval()  # as from_pretrained leaves it; the loop switches to training mode
+        except CannotLoadPartitioned as why:
+            log(f"WARNING: loading {path} through transformers' ZeRO-3 path, where rank 0 holds the whole model "
+                f"while loading: {why}")
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=remote)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, hf_ds
@@ -192,7 +211,10 @@ def release_training_state(engine, keep_module: bool) -> None:
     inner = getattr(optimizer, "optimizer", None)
     if inner is not None:
         inner.state.clear()
-    for flat in getattr(optimizer, "fp32_partitioned_groups_flat", []):
+    # ZeRO-3's and ZeRO-2's names for the fp32 master partitions (stage 0 has none)
+    masters = [*getattr(optimizer, "fp32_partitioned_groups_flat", []),
+               *getattr(optimizer, "single_partition_of_fp32_groups", [])]
+    for flat in masters:
         flat.grad = None
         flat.data = torch.empty(0, dtype=flat.dtype, device=flat.device)
     if not keep_module:

@@ -35,10 +35,11 @@ from pipeline.training.checkpoint import (choose_resume_tag, rebuild_after_resum
                                          weights_only_checkpoint_engine)
 from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.training.engine import (ROOMY_HEADROOM, assert_partitioned, deepspeed_config, load_model,
-                                      lr_lambda_factory, reset_optimizer_state, restart_schedule, seed_everything)
+                                      lr_lambda_factory, read_deepspeed_json, reset_optimizer_state, restart_schedule,
+                                      seed_everything)
 from pipeline.training.faults import Faults
 from pipeline.training.memory import (PhaseMemory, gather_and_log, release_freed_heap, return_large_frees_to_os,
-                                      whole_model_fits)
+                                      smallest_budget, whole_model_fits)
 from pipeline.training.nodes import (Node, check_shared_storage, gather_nodes, node_table, shared_folders,
                                      start_system_metrics)
 from pipeline.training.partitioned_load import folder_weight_bytes
@@ -46,6 +47,7 @@ from pipeline.training.rank_failure import on_peer_failure
 from pipeline.training.reshard import (Layout, checkpoint_run_id, keep_global_batch, load_resharded, map_data_position,
                                       read_layout)
 from pipeline.training.sharded_switch import sharded_switch
+from pipeline.training.strategy import choose_strategy, model_sizes
 from tsd.export import collect_state, save_adapter
 from tsd.inject import inject, tsd_layers
 from tsd.switch import due_switches, switch_kind, switch_steps
@@ -168,6 +170,7 @@ class Session:
     hf_ds: Any  # HfDeepSpeedConfig: stays referenced while ZeRO-3 generation may run
     consumed_micro: int = 0  # micro-batches a resumed checkpoint already trained on
     memory: PhaseMemory = field(default_factory=PhaseMemory)  # peak memory per phase
+    strategy: str = "zero3"  # how the weights are spread over the ranks (pipeline.training.strategy)
 
 
 def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> Session:
@@ -177,26 +180,31 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
 
     memory = PhaseMemory()
     memory.enter("load")
-    roomy, why = whole_model_fits(cfg, folder_weight_bytes(cfg.model.path), ROOMY_HEADROOM)
-    log(f"ZeRO-3 limits: {'DeepSpeed defaults (fastest)' if roomy else 'sized to the model (least memory)'}: {why}")
-    if not roomy:
-        log(f"memory: {return_large_frees_to_os()}")
-    ds_config = deepspeed_config(cfg, roomy)
-    # The checkpoint to resume from is chosen before the engine exists: one written by another
-    # number of ranks changes train.grad_accum (the same global batch), hence the engine's config.
-    bf16 = ds_config.get("bf16", {}).get("enabled") is True
+    # The checkpoint to resume from is chosen before the engine exists: it fixes the strategy
+    # (a checkpoint is laid out for one), and one written by another number of ranks changes
+    # train.grad_accum (the same global batch), hence the engine's config.
+    bf16 = deepspeed_config(cfg).get("bf16", {}).get("enabled") is True
     tag = choose_resume_tag(cfg.run_dir.resolve() / "checkpoints", rank, world, bf16=bf16)
     saved = read_layout(cfg.run_dir.resolve() / "checkpoints" / tag) if tag else None
+    strategy = decide_strategy(cfg, world, saved)
+    roomy = True
+    if strategy == "zero3":
+        roomy, why = whole_model_fits(cfg, folder_weight_bytes(cfg.model.path), ROOMY_HEADROOM)
+        log(f"ZeRO-3 limits: {'DeepSpeed defaults (fastest)' if roomy else 'sized to the model (least memory)'}: {why}")
+        if not roomy:
+            log(f"memory: {return_large_frees_to_os()}")
     if saved is not None and saved.world_size != world:
         cfg = keep_global_batch(cfg, saved, world)
-        ds_config = deepspeed_config(cfg, roomy)
+    ds_config = deepspeed_config(cfg, strategy, roomy)
     t0 = time.perf_counter()
     model, tokenizer, hf_ds = load_model(cfg, ds_config)
-    assert_partitioned(model)
+    if strategy == "zero3":
+        assert_partitioned(model)
     # The same seed on every rank: A's Kaiming init must agree before ZeRO-3 partitions it.
     torch.manual_seed(cfg.train.seed)
     injection = inject(model, cfg.method.tsd())
-    log(f"model {cfg.model.path} loaded partitioned over {world} rank(s) in {time.perf_counter() - t0:.1f}s; {injection}")
+    how = f"partitioned over {world} rank(s)" if strategy == "zero3" else f"whole on each of {world} rank(s)"
+    log(f"model {cfg.model.path} loaded {how} in {time.perf_counter() - t0:.1f}s; {injection}")
 
     dataset = TokenizedTasks(cfg.data, tokenizer)
     total_steps = optimizer_steps(cfg, len(dataset), world)
@@ -210,13 +218,14 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     )
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)
     session = Session(cfg, engine, optimizer, scheduler, tokenizer, loader, ds_config, total_steps, sched_state, hf_ds,
-                      memory=memory)
+                      memory=memory, strategy=strategy)
     if tag is not None:
         memory.enter("resume")
         resume(session, tag, saved, len(dataset), tracker)
 
     log(f"{world} rank(s) on {len(nodes)} node(s): " + "; ".join(f"{n.label()} ranks {n.ranks}" for n in nodes))
-    tracker.set_tags({"hosts": ",".join(n.label() for n in nodes), "nodes": str(len(nodes)), "world_size": str(world)})
+    tracker.set_tags({"hosts": ",".join(n.label() for n in nodes), "nodes": str(len(nodes)), "world_size": str(world),
+                      "strategy": strategy})
     if rank == 0:
         cfg.run_dir.resolve().mkdir(parents=True, exist_ok=True)
         write_json_atomic(cfg.run_dir.resolve() / "nodes.json", node_table(nodes))
@@ -232,14 +241,29 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     return session
 
 
+def decide_strategy(cfg: RunConfig, world: int, saved: Layout | None) -> str:
+    """deepspeed.strategy, or for auto the fastest that fits every rank (pipeline.training.strategy);
+    logged with why. Every rank calls it (the memory budget is the smallest over the ranks)."""
+    ds_json = read_deepspeed_json(cfg)
+    m = cfg.method
+    sizes = model_sizes(cfg.model.path, cfg.model.dtype, list(m.targets), m.r)
+    budget, source = smallest_budget(cfg) if cfg.deepspeed.strategy == "auto" else (0, "")
+    choice = choose_strategy(cfg.deepspeed.strategy, ds_json.get("zero_optimization", {}).get("stage"), sizes, world,
+                             budget, source, resumed=saved.strategy if saved else None,
+                             json_path=cfg.deepspeed.config)
+    log(f"strategy {choice.strategy}: {choice.why}")
+    return choice.strategy
+
+
 def resume(session: Session, tag: str, saved: Layout, n_examples: int, tracker) -> None:
     """Load checkpoint `tag` (every rank has it whole; TSD state rides in the module buffers):
     with DeepSpeed's own loader on the world size that wrote it, resharded on any other."""
     rank, world = rank_and_world()
     cfg, engine = session.cfg, session.engine
     ckpt_dir = cfg.run_dir.resolve() / "checkpoints"
-    if saved.world_size == world:
+    if saved.world_size == world or saved.strategy == "ddp":
         # Not strict: a lean checkpoint has no frozen base (the model folder's weights stay).
+        # Data parallel: the model file holds the whole optimizer state, whatever the world.
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")

@@ -169,23 +169,30 @@ def rank_memory_budget() -> tuple[int, str]:
     return available // local, f"MemAvailable / {local} rank(s) on this node"
 
 
-def whole_model_fits(cfg, need: int | None, headroom: float) -> tuple[bool, str]:
-    """Whether `need` bytes x `headroom` fit EVERY rank's budget (workers.memory_budget_gb, else
-    measured), with why. Every rank must call it (the verdict is all-reduced, so all ranks take
-    the same, collective, path). `need` None (unknown) never fits."""
+def smallest_budget(cfg) -> tuple[int, str]:
+    """(bytes, where from): the smallest memory budget over all ranks (workers.memory_budget_gb,
+    else each rank's measured budget, all-reduced). Every rank must call it."""
     import torch.distributed as dist
 
     from pipeline.training.distributed import rank_and_world
 
     if cfg.workers.memory_budget_gb is not None:
-        budget, source = int(cfg.workers.memory_budget_gb * 2**30), "workers.memory_budget_gb"
-    else:
-        budget, source = rank_memory_budget()
-    fits = torch.tensor([1.0 if need is not None and need * headroom <= budget else 0.0])
+        return int(cfg.workers.memory_budget_gb * 2**30), "workers.memory_budget_gb"
+    budget, source = rank_memory_budget()
     _, world = rank_and_world()
     if world > 1:
-        dist.all_reduce(fits, op=dist.ReduceOp.MIN)
-    ok = fits.item() == 1.0
+        smallest = torch.tensor([budget], dtype=torch.int64)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        budget, source = int(smallest.item()), f"{source}, the smallest over the ranks"
+    return budget, source
+
+
+def whole_model_fits(cfg, need: int | None, headroom: float) -> tuple[bool, str]:
+    """Whether `need` bytes x `headroom` fit EVERY rank's budget (the smallest: `smallest_budget`),
+    with why. Every rank must call it (all ranks take the same, collective, path). `need` None
+    (unknown) never fits."""
+    budget, source = smallest_budget(cfg)
+    ok = need is not None and need * headroom <= budget
     size = "of unknown size" if need is None else f"{need / 2**30:.2f} GiB"
     return ok, (f"the whole model, {size} x {headroom} headroom, {'fits' if ok else 'does not fit'} "
-                f"{'every' if ok else 'some'} rank's budget of {budget / 2**30:.2f} GiB ({source}, this rank)")
+                f"every rank's budget of {budget / 2**30:.2f} GiB ({source})")

@@ -43,6 +43,7 @@ class Layout:
     micro_batch_size: int | None = None
     grad_accum: int | None = None
     mlflow_run_id: str | None = None  # the MLflow run the checkpoint belongs to (a rerun continues it)
+    strategy: str = "zero3"  # how the weights were spread (pipeline.training.strategy); older tags: ZeRO-3
 
     @property
     def global_batch(self) -> int | None:
@@ -52,11 +53,11 @@ class Layout:
 
 
 def write_layout(tag_dir: Path, world: int, micro_batch_size: int, grad_accum: int,
-                 mlflow_run_id: str | None = None) -> None:
+                 mlflow_run_id: str | None = None, strategy: str = "zero3") -> None:
     """Rank 0, after every rank's files of the tag are complete (written before `latest` moves)."""
     tmp = tag_dir / f".{LAYOUT_FILE}.tmp"
     tmp.write_text(json.dumps({"world_size": world, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum,
-                               "mlflow_run_id": mlflow_run_id}))
+                               "mlflow_run_id": mlflow_run_id, "strategy": strategy}))
     tmp.replace(tag_dir / LAYOUT_FILE)
 
 
@@ -67,7 +68,7 @@ def read_layout(tag_dir: Path) -> Layout:
         try:
             raw = json.loads(path.read_text())
             return Layout(int(raw["world_size"]), int(raw["micro_batch_size"]), int(raw["grad_accum"]),
-                          raw.get("mlflow_run_id"))
+                          raw.get("mlflow_run_id"), str(raw.get("strategy", "zero3")))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint {tag_dir}: {LAYOUT_FILE} is unreadable ({e})") from None
     ranks = len(list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")))

@@ -14,6 +14,10 @@
    Installing: dash directions are replicated buffers (local copy); LoRA-Init edits the partitioned
    base weight and LoRA factors (a collective per layer) and their optimizer master copies.
 
+Under ZeRO-2 and plain data parallel every rank holds every weight whole: the same plan and
+rounds run, but an owner reads its items from its own copy (`gather_to` moves nothing), and
+LoRA-Init edits each rank's copy with the same broadcast selection.
+
 Without a process group (one process) the same code runs the items in order.
 """
 
@@ -31,7 +35,7 @@ from pipeline.training.distributed import rank_and_world
 from pipeline.training.faults import NO_FAULTS, Faults
 from tsd.directions import Decomposition, LayerDirections, decompose, layer_directions
 from tsd.inject import tsd_layers
-from tsd.partition import comm_device, full_shape, gather_to, local_part
+from tsd.partition import comm_device, full_shape, gather_to, is_partitioned, local_part
 from tsd.plan import plan_loads, shard_plan
 from tsd.svd_cache import SVDCache, part_digest, partition_key, weight_key
 from tsd.switch import SwitchItem, switch_items, switch_kind
@@ -86,7 +90,16 @@ def _chunks(indices: list[int], size_of, limit: int) -> list[list[int]]:
 def _cache_lookup(layers, items, owner, rank, world, svd_dtype, cache, device) -> tuple[dict[int, str], dict[int, str]]:
     """For this rank's items: the partition keys (aliases), and the content keys of those the
     cache holds, found without moving a weight: every rank hashes its own slices, and one
-    all-gather shares the digests."""
+    all-gather shares the digests. Whole (replicated) weights need neither: each owner hashes
+    its own items' weights, the content key itself (no aliases)."""
+    if not any(is_partitioned(layers[it.name].base_layer.weight) for it in items):
+        found = {}
+        for i, it in enumerate(items):
+            if owner[i] == rank:
+                key = weight_key(layers[it.name].base_layer.weight.data, svd_dtype)
+                if cache.path(key).is_file():
+                    found[i] = key
+        return {}, found
     digests = torch.tensor(
         [list(part_digest(local_part(layers[it.name].base_layer.weight))) for it in items], dtype=torch.uint8
     ).reshape(len(items), 32)
@@ -278,6 +291,6 @@ class _ShardedSwitch:
                 self.cache.put(key, dec)
         else:
             self.report.cache_hits += 1
-        if key is not None:
+        if key is not None and i in self.aliases:  # partitioned weights are looked up by their slices
             self.cache.put_alias(self.aliases[i], key)
         return dec
