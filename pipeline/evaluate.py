@@ -256,7 +256,8 @@ def _task_rows(model, tokenizer, task: str, records: Sequence[Mapping[str, Any]]
         prompts = [generate_eval_prompt(records[i]["instruction"], records[i].get("input") if use_input else None)
                    for i in idx]
         outputs = generate_outputs(model, tokenizer, prompts, gen_config, synced=synced)
-        release_freed_heap()
+        if synced:  # ZeRO-3 gathers and frees whole weights for every token: give the pages back
+            release_freed_heap()
         if batch is None:
             continue  # a padding call under ZeRO-3: keeps the collectives in step
         for i, out in zip(idx, outputs):

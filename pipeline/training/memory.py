@@ -54,7 +54,9 @@ def release_freed_heap() -> None:
     free pages in the middle of the heap). ZeRO-3 gathers and frees full weights all the time;
     once glibc's dynamic mmap threshold has risen past a weight's size those buffers come from
     the heap, and what is freed stays resident (benchmark 3 and 7 measured ~0.9 GB per rank
-    for a 2.3 GB model). Called after every optimizer step and every generation call."""
+    for a 2.3 GB model). Called after every optimizer step on a tight ZeRO-3 rank and every
+    generation call on a partitioned model, nowhere else: the next step faults the returned
+    pages back in, which cost 12% of a step where memory was not short (benchmark 8)."""
     try:
         _LIBC.malloc_trim(0)
     except AttributeError:  # not glibc
