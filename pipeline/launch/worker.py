@@ -17,6 +17,7 @@ from pipeline.config import ConfigError, load_config
 from pipeline.training.distributed import end_process
 from pipeline.paths import resolve_paths
 from pipeline.launch.preflight import preflight
+from pipeline.run_folder import check_rerun, finished_line
 from pipeline.tracking.store import resolve_tracking_uri
 from pipeline.training.loop import WorkerContext, main_entry
 
@@ -25,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pipeline.launch.worker", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="YAML run config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    p.add_argument("--fresh", action="store_true", help="start over when the run folder holds a run of this "
+                   "config (tsd train --help)")
     p.add_argument("--run-id", default=None, help="MLflow run to log into (made by a driver)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the config's)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
@@ -45,6 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        # Rank 0 alone clears the folder under --fresh; the others start training, which waits for
+        # rank 0 at the process group's rendezvous, after the folder is cleared.
+        rank = int(os.environ.get("RANK", "0"))
+        state = check_rerun(cfg, fresh=args.fresh) if rank == 0 or not args.fresh else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if state is not None and state.kind == "finished":
+        if rank == 0:
+            print(finished_line(state, cfg), file=sys.stderr)
+        return 0
     uri = resolve_tracking_uri(args.tracking_uri or cfg.tracking.uri, cfg.output_dir)
     launcher = "deepspeed" if args.local_rank is not None or "DEEPSPEED_ENVIRONMENT_NAME" in os.environ else "torchrun"
     main_entry(cfg, WorkerContext(run_id=args.run_id, tracking_uri=uri, launcher=launcher))

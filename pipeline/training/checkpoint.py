@@ -52,7 +52,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
         str(ckpt_dir),
         tag=tag,
         client_state={"consumed_micro_batches": micro_index, "phase_start": sched_state["phase_start"],
-                      LEAN: True},
+                      "last_loss": float(sched_state.get("last_loss", float("nan"))), LEAN: True},
         save_latest=False,
         # Lean: the frozen base is never written (it is the model folder's, or after LoRA-Init the
         # residual rebuilt from it and init_A0/init_B0 at resume: rebuild_after_resume).
