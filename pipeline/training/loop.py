@@ -26,6 +26,7 @@ from pipeline.data.loader import TokenizedTasks, micro_batches_per_epoch, train_
 from pipeline.evaluate import evaluate_after_training
 from pipeline.logs import log, setup_logging
 from pipeline.paths import write_json_atomic
+from pipeline.run_folder import RESULT_FILE, write_run_config
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.registry import register_adapter
 from pipeline.tracking.secrets import mask_secrets
@@ -171,6 +172,8 @@ class Session:
     consumed_micro: int = 0  # micro-batches a resumed checkpoint already trained on
     memory: PhaseMemory = field(default_factory=PhaseMemory)  # peak memory per phase
     strategy: str = "zero3"  # how the weights are spread over the ranks (pipeline.training.strategy)
+    tight: bool = False  # ZeRO-3 with a rank that cannot hold the model twice: freed memory is returned at once
+    last_loss: float = float("nan")  # the last trained step's loss (a resumed run's, from its checkpoint)
 
 
 def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> Session:
@@ -218,7 +221,7 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     )
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)
     session = Session(cfg, engine, optimizer, scheduler, tokenizer, loader, ds_config, total_steps, sched_state, hf_ds,
-                      memory=memory, strategy=strategy)
+                      memory=memory, strategy=strategy, tight=not roomy)
     if tag is not None:
         memory.enter("resume")
         resume(session, tag, saved, len(dataset), tracker)
@@ -228,6 +231,7 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
                       "strategy": strategy})
     if rank == 0:
         cfg.run_dir.resolve().mkdir(parents=True, exist_ok=True)
+        write_run_config(cfg)  # a rerun compares its config with this one (pipeline.run_folder)
         write_json_atomic(cfg.run_dir.resolve() / "nodes.json", node_table(nodes))
         tracker.log_artifact(cfg.run_dir.resolve() / "nodes.json", "nodes")
     tracker.log_dict(cfg.to_dict(), "config/run_config.json")
@@ -280,6 +284,7 @@ def resume(session: Session, tag: str, saved: Layout, n_examples: int, tracker) 
         session.consumed_micro = map_data_position(session.consumed_micro, saved, old_epoch, world, mbs,
                                                    len(session.loader))
     session.sched_state["phase_start"] = int(client.get("phase_start", 0))
+    session.last_loss = float(client.get("last_loss", float("nan")))
     if rank < saved.world_size:
         restore_rng(ckpt_dir / tag)
     else:
@@ -303,7 +308,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
     s = setup(cfg, tracker, rank, world, nodes)
     cfg = s.cfg  # train.grad_accum may differ: a checkpoint of another world size keeps its global batch
     engine, total_steps, ckpt_dir = s.engine, s.total_steps, cfg.run_dir.resolve() / "checkpoints"
-    result = TrainResult()
+    result = TrainResult(final_loss=s.last_loss)  # a resume at the last step trains nothing: the checkpoint's
     accum = cfg.train.grad_accum
     switch_at = tuple(sorted(switch_steps(cfg.method.tsd()).values()))  # retention keeps their state's tags
     step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
@@ -329,7 +334,8 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
                                  f"micro-batch {micro_index}; stopping", ckpt_dir)
             engine.backward(loss)
             engine.step()
-            release_freed_heap()
+            if s.tight:  # only where memory is short: re-faulting the freed pages costs ~12% of a step
+                release_freed_heap()
             step_loss += float(loss.detach())
             step_tokens += int(batch["attention_mask"].sum())
             micro_in_step += 1
@@ -364,8 +370,8 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
             run_due_switches(s, cfg, ctx, tracker, step, result)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
                 s.memory.enter("checkpoint")
-                save_checkpoint(engine, ckpt_dir, step, micro_index, s.sched_state, cfg.train.keep_checkpoints,
-                                switch_at, tracker.run_id)
+                save_checkpoint(engine, ckpt_dir, step, micro_index, {**s.sched_state, "last_loss": result.final_loss},
+                                cfg.train.keep_checkpoints, switch_at, tracker.run_id)
                 s.memory.enter("train")
             step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
             if step >= total_steps:
@@ -375,8 +381,8 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
 
     result.steps = engine.global_steps
     s.memory.enter("checkpoint")
-    save_checkpoint(engine, ckpt_dir, result.steps, micro_index, s.sched_state, cfg.train.keep_checkpoints,
-                    switch_at, tracker.run_id)
+    save_checkpoint(engine, ckpt_dir, result.steps, micro_index, {**s.sched_state, "last_loss": result.final_loss},
+                    cfg.train.keep_checkpoints, switch_at, tracker.run_id)
     return finish(s, cfg, ctx, tracker, result)
 
 
@@ -411,13 +417,16 @@ def finish(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, result: Trai
         result.metrics.update(evaluate_after_training(s.engine, adapter_state, s.tokenizer, cfg, run_dir, tracker,
                                                              result.steps))
     gather_and_log(s.memory, tracker, run_dir, result.steps)
-    tracker.log_metrics({"final_loss": result.final_loss}, result.steps)
+    if math.isfinite(result.final_loss):  # never a NaN for "nothing trained" (an old checkpoint's resume)
+        tracker.log_metrics({"final_loss": result.final_loss}, result.steps)
     tracker.flush()  # the registry reads the adapter back from the run
     if cfg.tracking.register_as and tracker.enabled:
         register(tracker, cfg.tracking.register_as)
     result.metrics.update({"final_loss": result.final_loss, **{f"switch_{k}_seconds": v for k, v in result.switch_seconds.items()}})
     if rank == 0:
-        write_json_atomic(run_dir / "result.json", {**result.metrics, "steps": result.steps, "adapter": result.adapter_dir})
+        # Written last: its presence is what marks the run finished (pipeline.run_folder).
+        write_json_atomic(run_dir / RESULT_FILE, {**result.metrics, "steps": result.steps, "adapter": result.adapter_dir,
+                                                  "mlflow_run_id": tracker.run_id})
     if ctx.report is not None:
         ctx.report({**result.metrics, "step": result.steps, "done": 1})
     return result
