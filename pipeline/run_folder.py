@@ -106,10 +106,11 @@ def check_rerun(cfg, fresh: bool = False) -> FolderState:
     done). Returns the state the command must act on ("finished": train nothing)."""
     state = folder_state(cfg)
     if state.kind != "new" and state.differences:
-        raise ValueError(
-            f"{state.run_dir} holds a{'' if state.kind == 'interrupted' else ' finished'} run made with another "
-            f"config ({'; '.join(state.differences)}); keep its config to resume it, or choose another "
-            f"name (--set name=...)")
+        what = ("an interrupted run made with another config", "keep its config to resume it, or choose")
+        if state.kind == "finished":
+            what = ("a finished run made with another config", "choose")
+        raise ValueError(f"{state.run_dir} holds {what[0]} ({'; '.join(state.differences)}); {what[1]} another "
+                         f"name to train with these settings (--set name=...)")
     if not fresh or state.kind == "new":
         return state
     if state.kind == "finished":
