@@ -367,9 +367,12 @@ def unpartitioned_copy(cfg: RunConfig, state: dict):
     the test set at full speed. It costs one model's memory per rank for the evaluation only.
     """
     unset_hf_deepspeed_config()  # from here on from_pretrained must not partition
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype),
+    full = cfg.method.method == "full"  # the exported fine-tuned model itself, no adapter
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.run_dir.resolve() / "model") if full else cfg.model.path,
+                                                 dtype=getattr(torch, cfg.model.dtype),
                                                  trust_remote_code=cfg.model.trust_remote_code)
-    apply_state(model, cfg.method.tsd(), state)
+    if not full:
+        apply_state(model, cfg.method.tsd(), state)
     if torch.cuda.is_available():
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
     return model.eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-METHODS = ("lora", "dash", "init", "tsd")
+METHODS = ("lora", "dash", "init", "tsd", "full")
 SVD_DTYPES = ("float32", "float64")
 
 
@@ -18,7 +18,8 @@ class TSDConfig:
     """What to fine-tune and how (METHOD.md).
 
     method:        lora (plain LoRA) | dash (LoRA-Dash) | init (LoRA-Init) | tsd (LoRA-Init, then
-                   LoRA-Dash).
+                   LoRA-Dash) | full (full fine-tuning, the paper's "Fully FT" baseline: every
+                   parameter trains; r, alpha, targets and the switch settings are unused).
     r, alpha:      LoRA rank and alpha; scaling = alpha / r (alpha / sqrt(r) with use_rslora).
     dropout:       dropout on the layer input of the LoRA and dash branches.
     targets:       module-name suffixes to wrap, as PEFT's `target_modules` (a list matches a
@@ -55,13 +56,13 @@ class TSDConfig:
             raise TSDConfigError(f"targets: need a non-empty list of module names, got {self.targets!r}")
         # At least one step of plain LoRA before a switch: at step 0, B = 0, every change rate is
         # 0 and the "selection" would be the first indices. Plain LoRA ignores the value.
-        low = 0 if self.method == "lora" else 1
+        low = 0 if self.method in ("lora", "full") else 1
         if not isinstance(self.switch_step, int) or isinstance(self.switch_step, bool) or self.switch_step < low:
             raise TSDConfigError(
                 f"switch_step: must be an integer >= {low}{f' for method {self.method!r}' if low else ''}, "
                 f"got {self.switch_step!r}"
             )
-        if self.method != "lora":
+        if self.method not in ("lora", "full"):
             if not isinstance(self.num_directions, int) or isinstance(self.num_directions, bool) or self.num_directions <= 0:
                 raise TSDConfigError(f"num_directions: s must be a positive integer, got {self.num_directions!r}")
         if self.svd_dtype not in SVD_DTYPES:
@@ -70,6 +71,11 @@ class TSDConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    @property
+    def is_full(self) -> bool:
+        """Full fine-tuning: no adapter layers, every parameter trains."""
+        return self.method == "full"
 
     @property
     def uses_dash(self) -> bool:

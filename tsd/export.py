@@ -217,3 +217,63 @@ def apply_state(model: nn.Module, config: TSDConfig, state: dict[str, torch.Tens
             with gathered([layer.base_layer.weight], modifier_rank=0):
                 # the same arithmetic as the switch, so the residual is rebuilt bit for bit
                 subtract_update_(layer.base_layer.weight, layer.init_B0, layer.init_A0, layer.scaling)
+
+
+# ----------------------------------------------------------------------------- full fine-tuning
+FULL_INDEX = "model.safetensors.index.json"
+
+
+def save_full_model(model: nn.Module, out_dir: str | os.PathLike, is_writer: bool = True,
+                    shard_bytes: int = 2**30) -> list[str]:
+    """The whole fine-tuned model as Hugging Face safetensors shards + index (method full), a
+    folder `from_pretrained` loads. Under ZeRO-3 every rank must call it: parameters are made
+    whole one at a time (`gathered`), so no rank ever holds more than one parameter beyond its
+    own slices, and the writer (`is_writer`, rank 0) at most one shard of `shard_bytes`.
+    Written to a temporary folder renamed at the end: never a half-written model. Returns the
+    shard file names (writer only)."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if is_writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size, weight_map, names, total = 0, {}, [], 0
+
+    def flush() -> None:
+        nonlocal size
+        if is_writer and shards[-1]:
+            name = f"model-{len(names) + 1:05d}.safetensors"
+            save_file(shards[-1], str(tmp / name), metadata={"format": "pt"})
+            names.append(name)
+            weight_map.update({k: name for k in shards[-1]})
+        shards[-1] = {}
+        size = 0
+
+    for key, param in model.named_parameters():  # tied weights once, as save_pretrained does
+        with gathered([param]):
+            if is_writer:
+                tensor = param.detach().to("cpu", copy=True).contiguous()
+                if size and size + tensor.numel() * tensor.element_size() > shard_bytes:
+                    flush()
+                shards[-1][key] = tensor
+                size += tensor.numel() * tensor.element_size()
+                total += tensor.numel() * tensor.element_size()
+    flush()
+    if not is_writer:
+        return []
+    if len(names) == 1:  # one shard: the plain file name from_pretrained looks for first
+        (tmp / names[0]).rename(tmp / "model.safetensors")
+        names = ["model.safetensors"]
+    else:
+        (tmp / FULL_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2))
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.save_pretrained(str(tmp))
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return names

@@ -57,13 +57,19 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def inject(model: nn.Module, config: TSDConfig) -> InjectionReport:
-    """Replace every target `nn.Linear` with a `TSDLinear` and freeze all other parameters.
+    """Replace every target `nn.Linear` with a `TSDLinear` and freeze all other parameters
+    (method full: wrap nothing, train every parameter).
 
     Call it with the same seed on every rank: the Kaiming init of A must be identical
     everywhere before DeepSpeed partitions the new parameters.
     """
     if any(isinstance(m, TSDLinear) for m in model.modules()):
         raise TargetError("the model already holds TSD layers; inject once")
+    if config.is_full:  # full fine-tuning: nothing wrapped, everything trains
+        for p in model.parameters():
+            p.requires_grad_(True)
+        trainable, total = parameter_counts(model)
+        return InjectionReport(layers=[], trainable_params=trainable, total_params=total)
     matched = [(name, mod) for name, mod in model.named_modules() if name and matches_target(name, config.targets)]
     if not matched:
         linear = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, nn.Linear)})

@@ -127,7 +127,7 @@ def switch_kind(kind: str) -> Dash | Init:
 def switch_steps(config: TSDConfig) -> dict[str, int]:
     """At which completed optimizer step each switch of the method happens."""
     t = config.switch_step
-    return {"lora": {}, "dash": {DASH: t}, "init": {INIT: t}, "tsd": {INIT: t, DASH: 2 * t}}[config.method]
+    return {"lora": {}, "full": {}, "dash": {DASH: t}, "init": {INIT: t}, "tsd": {INIT: t, DASH: 2 * t}}[config.method]
 
 
 def due_switches(model: nn.Module, config: TSDConfig, step: int) -> list[str]:

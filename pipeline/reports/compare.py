@@ -35,7 +35,7 @@ from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import client, end_run, sqlite_path, start_run
 
-METHOD_NAMES = {"lora": "LoRA", "dash": "LoRA-Dash", "init": "LoRA-Init", "tsd": "LoRA-TSD"}
+METHOD_NAMES = {"full": "Fully FT", "lora": "LoRA", "dash": "LoRA-Dash", "init": "LoRA-Init", "tsd": "LoRA-TSD"}
 METHOD_ORDER = list(METHOD_NAMES)
 # The paper's column order for the eight commonsense tasks, and its short headers.
 TASK_ORDER = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]

@@ -49,7 +49,7 @@ from pipeline.training.reshard import (Layout, checkpoint_run_id, keep_global_ba
                                       read_layout)
 from pipeline.training.sharded_switch import sharded_switch
 from pipeline.training.strategy import choose_strategy, model_sizes
-from tsd.export import collect_state, save_adapter
+from tsd.export import collect_state, save_adapter, save_full_model
 from tsd.inject import inject, tsd_layers
 from tsd.switch import due_switches, switch_kind, switch_steps
 
@@ -250,7 +250,7 @@ def decide_strategy(cfg: RunConfig, world: int, saved: Layout | None) -> str:
     logged with why. Every rank calls it (the memory budget is the smallest over the ranks)."""
     ds_json = read_deepspeed_json(cfg)
     m = cfg.method
-    sizes = model_sizes(cfg.model.path, cfg.model.dtype, list(m.targets), m.r)
+    sizes = model_sizes(cfg.model.path, cfg.model.dtype, None if m.method == "full" else list(m.targets), m.r)
     budget, source = smallest_budget(cfg) if cfg.deepspeed.strategy == "auto" else (0, "")
     choice = choose_strategy(cfg.deepspeed.strategy, ds_json.get("zero_optimization", {}).get("stage"), sizes, world,
                              budget, source, resumed=saved.strategy if saved else None,
@@ -481,8 +481,17 @@ def record_restart(tracker, step: int) -> None:
 def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker) -> tuple[str, dict]:
     """Gather the TSD tensors (every rank), write the PEFT adapter + sidecar (rank 0), log it.
     Returns the folder and every rank's gathered copy of the state (evaluation needs no disk)."""
-    state = collect_state(model)  # a collective under ZeRO-3
     rank, _ = rank_and_world()
+    if tsd_cfg.is_full:  # full fine-tuning: the whole model, shard by shard (a collective under ZeRO-3)
+        out = run_dir / "model"
+        save_full_model(model, out, is_writer=rank == 0)
+        if rank == 0:
+            log(f"fine-tuned model written to {out}")
+            tracker.log_artifacts(str(out), "model")
+        if dist.is_initialized():
+            dist.barrier()
+        return str(out), {}
+    state = collect_state(model)  # a collective under ZeRO-3
     out = run_dir / "adapter"
     if rank == 0:
         save_adapter(model, out, tsd_cfg, base_model_name_or_path=str(Path(cfg.model.path).resolve()), state=state)
