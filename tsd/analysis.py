@@ -175,6 +175,24 @@ def index_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     return len(sa & sb) / min(len(sa), len(sb))
 
 
+def chance_index_overlap(s_a: int, s_b: int, k: int) -> float:
+    """E[index_overlap] of two independent uniform random index sets of sizes s_a, s_b drawn from
+    k singular directions: E|I ∩ J| = s_a s_b / k (each of I's indices is in J with probability
+    s_b / k), over min(s_a, s_b) -> max(s_a, s_b) / k. What "the same TSDs" must beat."""
+    if min(s_a, s_b) <= 0 or k <= 0:
+        return math.nan
+    return max(s_a, s_b) / k
+
+
+def chance_subspace_overlap(a: int, b: int, m: int) -> float:
+    """E[subspace_overlap] of two independent uniformly random subspaces of dimensions a and b in
+    R^m: E||A^T B||_F^2 = a b / m (each of A's unit columns has expected squared projection b/m
+    on a random b-dimensional subspace), over min(a, b) -> max(a, b) / m."""
+    if min(a, b) <= 0 or m <= 0:
+        return math.nan
+    return max(a, b) / m
+
+
 def subspace_overlap(A: torch.Tensor, B: torch.Tensor) -> float:
     """||A^T B||_F^2 / min(cols) for matrices with orthonormal columns (same row count)."""
     if A.shape[0] != B.shape[0]:
