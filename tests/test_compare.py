@@ -156,6 +156,12 @@ def test_paired_with_lora_matches_the_seed_by_seed_differences():
     assert dash.diffs.mean == pytest.approx(2.0) and dash.diffs.std == pytest.approx(math.sqrt(7.0))
     assert (dash.wins, dash.losses) == (2, 1)
 
+    # Full fine-tuning has no rank: its row shows none and it pairs with LoRA of every rank.
+    full = build_table(runs + [run("full", None, "0", 70.0), run("full", None, "1", 40.0)])
+    assert [row.r for row in full.rows if row.method == "full"] == [None]
+    pairs = [p for p in paired_with_lora(full) if p.method == "full"]
+    assert [(p.r, p.diffs.values) for p in pairs] == [(4, [20.0, -12.0])]
+
     # Training loss: lower is better, so a negative difference is a win.
     loss = {"lora40": 1.0, "lora41": 1.0, "lora42": 1.0, "dash40": 0.9, "dash41": 1.2, "dash42": 0.8}
     (by_loss,) = paired_with_lora(table, lambda run: loss.get(run.run_id), higher_is_better=False)

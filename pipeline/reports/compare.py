@@ -154,7 +154,7 @@ def run_result(run) -> RunResult | None:
         run_id=run.info.run_id,
         run_name=run.info.run_name or "",
         method=method,
-        r=_int(params.get("method.r")),
+        r=None if method == "full" else _int(params.get("method.r")),  # full fine-tuning has no rank
         seed=params.get("train.seed"),
         trainable_percent=tp,
         acc=acc,
@@ -335,7 +335,8 @@ class Paired:
 
 def paired_with_lora(table: Table, value: Callable[[RunResult], float | None] = lambda run: run.avg,
                      higher_is_better: bool = True) -> list[Paired]:
-    """Each non-LoRA row against the LoRA row of its rank, over the seeds both ran (a seed run
+    """Each non-LoRA row against the LoRA row of its rank (full fine-tuning: of every rank, the
+    Paired's r is LoRA's), over the seeds both ran (a seed run
     twice in a group is ambiguous and skipped). `value` picks what is compared (default: the
     average accuracy)."""
 
@@ -351,13 +352,16 @@ def paired_with_lora(table: Table, value: Callable[[RunResult], float | None] = 
     lora = {row.r: by_seed(row) for row in table.rows if row.method == "lora"}
     out = []
     for row in table.rows:
-        if row.method == "lora" or row.r not in lora:
+        # Full fine-tuning has no rank: it is paired with the LoRA row of every rank.
+        ranks = sorted(lora, key=lambda r: -1 if r is None else r) if row.method == "full" else [row.r]
+        if row.method == "lora":
             continue
-        mine = by_seed(row)
-        seeds = sorted(set(mine) & set(lora[row.r]), key=lambda s: (_float(s) is None, _float(s) or 0.0, s))
-        if seeds:
-            diffs = Cell([mine[s] - lora[row.r][s] for s in seeds])
-            out.append(Paired(row.method, row.r, seeds, diffs, higher_is_better))
+        for r in (r for r in ranks if r in lora):
+            mine = by_seed(row)
+            seeds = sorted(set(mine) & set(lora[r]), key=lambda s: (_float(s) is None, _float(s) or 0.0, s))
+            if seeds:
+                diffs = Cell([mine[s] - lora[r][s] for s in seeds])
+                out.append(Paired(row.method, r, seeds, diffs, higher_is_better))
     return out
 
 
