@@ -88,3 +88,17 @@ class PicklePayload:
 
     def __reduce__(self):
         return (os.makedirs, (self.marker,))
+
+
+def crashed_after(src_run: Path, dst_run: Path, step: int) -> Path:
+    """dst_run as a crash right after src_run's step-`step` checkpoint would leave it: its
+    checkpoints up to that tag, `latest` naming it. Returns dst_run's checkpoint folder."""
+    import shutil
+
+    ckpt = dst_run / "checkpoints"
+    shutil.copytree(src_run / "checkpoints", ckpt)
+    for tag in ckpt.iterdir():
+        if tag.is_dir() and tag.name.startswith("step") and tag.name[4:].isdigit() and int(tag.name[4:]) > step:
+            shutil.rmtree(tag)
+    (ckpt / "latest").write_text(f"step{step}")
+    return ckpt

@@ -7,13 +7,12 @@ model given those weights. A run stopped at step 2 and resumed ends with the uni
 run's model.
 """
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from proc_group import make_tiny_model, tiny_config, torchrun_worker
+from proc_group import crashed_after, make_tiny_model, tiny_config, torchrun_worker
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -25,11 +24,7 @@ def _run(wd: Path, name: str, copy_from: Path | None = None, stop_at: int | None
     cfg["train"].update(max_steps=4, checkpoint_every=1, keep_checkpoints=None, lr=1e-3)
     cfg["tracking"].update(offline=True)
     if copy_from is not None:
-        ckpt = wd / "runs" / name / "checkpoints"
-        shutil.copytree(copy_from / "checkpoints", ckpt)
-        for later in range(stop_at + 1, 5):
-            shutil.rmtree(ckpt / f"step{later}", ignore_errors=True)
-        (ckpt / "latest").write_text(f"step{stop_at}")
+        crashed_after(copy_from, wd / "runs" / name, stop_at)
     path = wd / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = torchrun_worker(path)

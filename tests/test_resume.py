@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from proc_group import make_tiny_model, tiny_config, torchrun_worker
+from proc_group import crashed_after, make_tiny_model, tiny_config, torchrun_worker
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -177,11 +177,7 @@ def test_cpu_offload_trains_switches_exports_and_resumes_like_the_plain_run(full
         run = {**cfg, "name": name, "tracking": {**cfg["tracking"], "offline": True},
                "deepspeed": {**cfg["deepspeed"], "config": str(ROOT / "configs/deepspeed/zero3_offload.json")}}
         if stop_at is not None:
-            ckpt = wd / "runs" / name / "checkpoints"
-            shutil.copytree(wd / "runs/offload/checkpoints", ckpt)
-            for later in range(stop_at + 1, 7):
-                shutil.rmtree(ckpt / f"step{later}", ignore_errors=True)
-            (ckpt / "latest").write_text(f"step{stop_at}")
+            crashed_after(wd / "runs/offload", wd / "runs" / name, stop_at)
         path = wd / f"{name}.yaml"
         path.write_text(yaml.safe_dump(run))
         proc = _worker(path)

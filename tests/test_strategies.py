@@ -9,13 +9,12 @@ undoes it and the adapters differ by far more than 1e-5). The auto choice is che
 synthetic sizes (no model loaded).
 """
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from proc_group import make_tiny_model, tiny_config, torchrun_worker
+from proc_group import crashed_after, make_tiny_model, tiny_config, torchrun_worker
 from safetensors.torch import load_file
 
 from pipeline.training.strategy import ModelSizes, bytes_per_rank, choose_strategy, model_sizes
@@ -88,12 +87,8 @@ def runs(tmp_path_factory):
         cfg["method"].update(method=method, switch_step=2, dropout=dropout)
         cfg["train"].update(max_steps=6, warmup_steps=2, checkpoint_every=1, keep_checkpoints=None)
         cfg["tracking"].update(offline=True)
-        if copy_from is not None:  # a crash right after the step-`stop_at` checkpoint
-            ckpt = wd / "runs" / name / "checkpoints"
-            shutil.copytree(copy_from / "checkpoints", ckpt)
-            for later in range(stop_at + 1, 7):
-                shutil.rmtree(ckpt / f"step{later}", ignore_errors=True)
-            (ckpt / "latest").write_text(f"step{stop_at}")
+        if copy_from is not None:
+            crashed_after(copy_from, wd / "runs" / name, stop_at)
         path = wd / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         proc = torchrun_worker(path, nproc=nproc)
