@@ -25,6 +25,7 @@ from pydantic import (AfterValidator, BeforeValidator, ConfigDict, StrictBool, S
                       ValidationError, field_validator, model_validator)
 from pydantic.dataclasses import dataclass
 
+from pipeline.model_task import HEAD_MODULES
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import sqlite_path
 from tsd.config import TSDConfig, TSDConfigError
@@ -85,6 +86,10 @@ OptionalCount = Annotated[Integer, _must_be("> 0 or left out", lambda v: v > 0)]
 @dataclass(config=_SECTION_RULES, frozen=True)
 class ModelConfig:
     path: Text = ""  # a local Hugging Face model folder (no hub on these machines); required
+    # causal_lm: generate answers (the paper's commonsense protocol; data in the LLM-Adapters format);
+    # seq_cls: a classification head on the model (the paper's GLUE setting; data rows text/label).
+    task: Literal["causal_lm", "seq_cls"] = "causal_lm"
+    num_labels: OptionalCount = None  # seq_cls: classes; None: as many as data.train has
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
     trust_remote_code: Flag = False
 
@@ -142,11 +147,15 @@ class MethodConfig:
     dash_scaled: Flag = _METHOD_DEFAULTS.dash_scaled
     svd_dtype: Text = _METHOD_DEFAULTS.svd_dtype  # float32 | float64 (tsd.config.SVD_DTYPES)
     svd_cache: Text | None = None  # folder for cached decompositions, keyed by the base weights
+    # Modules trained whole beside the adapter and exported with it (PEFT's modules_to_save);
+    # None: the classification head (classifier / score) for model.task seq_cls, else none.
+    modules_to_save: TextList | None = None
 
     def tsd(self) -> TSDConfig:
         """The method library's config of these settings (raises TSDConfigError if they are invalid)."""
         names = {f.name for f in dataclasses.fields(TSDConfig)}
-        return TSDConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        given = {k: v for k, v in dataclasses.asdict(self).items() if k in names and v is not None}
+        return TSDConfig(**given)
 
 
 @dataclass(config=_SECTION_RULES, frozen=True)
@@ -265,6 +274,11 @@ class RunConfig:
     def _check_together(self) -> RunConfig:
         """What needs more than one setting, or a default that is not a value; runs once every
         setting has its type and range. Raised here, at the top, so each message names its full key."""
+        if self.method.modules_to_save is None:  # the default depends on the task: settled once, here
+            saved = list(HEAD_MODULES) if self.model.task == "seq_cls" else []
+            object.__setattr__(self, "method", dataclasses.replace(self.method, modules_to_save=saved))
+        if self.model.num_labels is not None and self.model.task != "seq_cls":
+            raise ConfigError("model.num_labels: only for model.task seq_cls (a classification head)")
         try:
             self.method.tsd()
         except TSDConfigError as e:  # the method validates itself; name the key's full path
@@ -272,7 +286,8 @@ class RunConfig:
         if not self.model.path:
             raise ConfigError("model.path: required (a local Hugging Face model folder)")
         if not self.data.train:
-            raise ConfigError("data.train: required (an LLM-Adapters JSON file, or a list of them)")
+            raise ConfigError("data.train: required (an LLM-Adapters JSON file, or a list of them; for model.task "
+                              "seq_cls, files of text/label rows)")
         self.data.test_sets()  # every test entry names its task
         if self.tracking.uri and not self.tracking.offline:
             _check_tracking_uri(self.tracking.uri)

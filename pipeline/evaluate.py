@@ -40,7 +40,9 @@ import torch
 import torch.distributed as dist
 from peft import PeftModel
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from safetensors import safe_open
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GenerationConfig)
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from pipeline.data.tasks import (
@@ -53,13 +55,14 @@ from pipeline.data.tasks import (
 )
 from pipeline.config import RunConfig
 from pipeline.logs import log
+from pipeline.model_task import HEAD_MODULES, head_config, task_of_folder
 from pipeline.training.distributed import leave_process_group, rank_and_world
 from pipeline.training.engine import release_training_state
 from pipeline.training.memory import release_freed_heap, whole_model_fits
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import DB_FILE, resolve_tracking_uri
-from tsd.export import SIDECAR, apply_state, load_adapter
+from tsd.export import SIDECAR, apply_state, load_adapter, read_sidecar
 from tsd.partition import is_partitioned
 
 PREDICTION_FIELDS = ("index", "task", "instruction", "answer", "output", "prediction", "correct")
@@ -379,13 +382,27 @@ def unpartitioned_copy(cfg: RunConfig, state: dict):
 
 
 def evaluate_after_training(engine, adapter_state: dict, tokenizer, cfg: RunConfig, run_dir: Path, tracker,
-                            step: int) -> dict:
+                            step: int, classes: list[str] | None = None) -> dict:
     """The paper's protocol on every test set of data.test, sharded over the ranks (every rank
     calls it), on a whole copy per rank or on the partitioned model (`choose_eval_model`). The
     training engine is released first either way: its optimizer state always, its share of the
-    base too before a whole copy is built. The engine cannot train after this."""
+    base too before a whole copy is built. The engine cannot train after this.
+
+    A classifier (model.task seq_cls, class names `classes`) is scored on the trained model as
+    it is, partitioned or not: one forward per batch of rows needs no whole copy to be fast."""
     t = cfg.train
     sets = cfg.data.test_sets()
+    if cfg.model.task == "seq_cls":
+        from pipeline.classify import evaluate_classification
+        from pipeline.data.labelled import load_labelled
+
+        how = EVAL_PARTITIONED if _is_partitioned(engine.module) else EVAL_TRAINED
+        log(f"classifying {', '.join(sets)} with the {how} model; batch {t.eval_batch_size}, limit {t.eval_limit} rows")
+        release_training_state(engine, keep_module=True)
+        result = evaluate_classification(engine.module, tokenizer, {task: load_labelled(path) for task, path in sets.items()},
+                                         classes, batch_size=t.eval_batch_size, cutoff_len=cfg.data.cutoff_len,
+                                         limit=t.eval_limit)
+        return _record(result, run_dir, tracker, step, how)
     how, why = choose_eval_model(cfg, engine.module)
     log(f"evaluating on {', '.join(sets)} with the {how} model ({why}); beams {t.eval_num_beams}, "
         f"max new tokens {t.eval_max_new_tokens}, batch {t.eval_batch_size}, limit {t.eval_limit} rows per task")
@@ -397,13 +414,18 @@ def evaluate_after_training(engine, adapter_state: dict, tokenizer, cfg: RunConf
         batch_size=t.eval_batch_size,
     )
     del eval_model
+    return _record(result, run_dir, tracker, step, how)
+
+
+def _record(result: dict, run_dir: Path, tracker, step: int, how: str) -> dict:
+    """Rank 0 writes the evaluation under <run>/eval and logs it; every rank returns the metrics."""
     rank, _ = rank_and_world()
     if rank == 0:
         out = write_results(result, run_dir / "eval")
         tracker.log_metrics(result["metrics"], step)
         tracker.log_artifacts(str(out), "eval")
         tracker.set_tags({"eval_model": how})
-        log("accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+        log("evaluation: " + ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
     return dict(result["metrics"])
 
 
@@ -451,10 +473,18 @@ def load_model(model_dir: str | os.PathLike | None, adapter_dir: str | os.PathLi
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype: {dtype!r} is not one of float32, bfloat16, float16")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    classes = adapter_classes(adapter) if adapter is not None else None
+    if classes is None and task_of_folder(path) == "seq_cls":  # a fully fine-tuned classifier
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    elif classes is not None:  # a head over `classes`, filled from the adapter below
+        config = AutoConfig.from_pretrained(str(path))
+        head_config(config, len(classes), classes, tokenizer.pad_token_id)
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), config=config, dtype=getattr(torch, dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
     if adapter is not None:
         if (adapter / SIDECAR).is_file():
             load_adapter(model, adapter)
@@ -465,6 +495,32 @@ def load_model(model_dir: str | os.PathLike | None, adapter_dir: str | os.PathLi
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def adapter_classes(adapter: Path) -> list[str] | None:
+    """The class names of a classifier's adapter, in id order (None: not a classifier): the names
+    a lora-tsd sidecar records, else for a stock PEFT SEQ_CLS adapter ids "0".."k-1", k read
+    from its head's weight."""
+    if (adapter / SIDECAR).is_file():
+        _, _, metadata = read_sidecar(adapter)
+        if "labels" in metadata:
+            return json.loads(metadata["labels"])
+    config = adapter / "adapter_config.json"
+    if not config.is_file() or json.loads(config.read_text()).get("task_type") != "SEQ_CLS":
+        return None
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+        heads = [k for k in f.keys() if k.endswith(tuple(f"{h}.weight" for h in HEAD_MODULES)) and "lora_" not in k]
+        if not heads:
+            raise ValueError(f"--adapter: {adapter} is a SEQ_CLS adapter without a saved head ({', '.join(HEAD_MODULES)})")
+        return [str(i) for i in range(f.get_slice(heads[0]).get_shape()[0])]
+
+
+def model_classes(model) -> list[str] | None:
+    """A loaded classifier's class names in id order (its config's id2label), else None."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not type(base).__name__.endswith("ForSequenceClassification"):
+        return None
+    return [str(base.config.id2label[i]) for i in range(base.config.num_labels)]
 
 
 def _recorded_base(adapter: Path) -> str | None:
@@ -521,14 +577,22 @@ def run_evaluation(
         rank, _ = rank_and_world()
         if device is None and torch.cuda.is_available():
             device = f"cuda:{torch.cuda.current_device()}"
-        tasks = load_tasks(data)
         uri = tracking_uri or default_tracking_uri()
         if run_id:  # before hours of generation, not after (every rank checks: none is left waiting)
             if not RunLogger(uri, run_id).verify():
                 raise ValueError(f"--run-id {run_id}: no such MLflow run at {mask_secrets(uri)} (see the warning above)")
         mdl, tok = load_model(model, adapter, dtype=dtype, device=device)
-        result = evaluate_tasks(mdl, tok, tasks, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, limit=limit, use_input=use_input)  # fmt: skip
+        classes = model_classes(mdl)
+        if classes is not None:  # a classifier: test files of text/label rows, accuracy and MCC
+            from pipeline.classify import evaluate_classification
+            from pipeline.data.labelled import load_labelled
+
+            sets = dict(parse_data_arg(spec) for spec in data)
+            result = evaluate_classification(mdl, tok, {t: load_labelled(p) for t, p in sets.items()}, classes,
+                                             batch_size=batch_size, limit=limit)
+        else:
+            result = evaluate_tasks(mdl, tok, load_tasks(data), num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, limit=limit, use_input=use_input)  # fmt: skip
         out_dir = Path(out) if out else (Path(adapter).resolve().parent / "eval" if adapter else Path("eval"))
         result["out_dir"] = str(out_dir)
         result["rank"] = rank

@@ -28,6 +28,10 @@ class TSDConfig:
     num_directions: s, the dash directions kept per layer.
     dash_scaled:   multiply the dash term by `scaling` (the reference code does not; off).
     svd_dtype:     precision of the base-weight SVD.
+    modules_to_save: whole modules trained beside the adapter and exported with it, as PEFT's
+                   `modules_to_save` (a classification head: `classifier`, `score`); a name
+                   matches like `targets`. Names the model lacks are skipped (PEFT does the
+                   same for its sequence-classification defaults), but at least one must match.
     """
 
     method: str = "dash"
@@ -40,6 +44,7 @@ class TSDConfig:
     num_directions: int = 8
     dash_scaled: bool = False
     svd_dtype: str = "float32"
+    modules_to_save: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -65,6 +70,10 @@ class TSDConfig:
         if self.method not in ("lora", "full"):
             if not isinstance(self.num_directions, int) or isinstance(self.num_directions, bool) or self.num_directions <= 0:
                 raise TSDConfigError(f"num_directions: s must be a positive integer, got {self.num_directions!r}")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if not all(isinstance(m, str) and m for m in self.modules_to_save):
+            raise TSDConfigError(f"modules_to_save: need a list of module names, got {self.modules_to_save!r}")
         if self.svd_dtype not in SVD_DTYPES:
             raise TSDConfigError(f"svd_dtype: choose one of {', '.join(SVD_DTYPES)}, got {self.svd_dtype!r}")
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from tsd.config import TSDConfig
-from tsd.inject import inject, tsd_layers
+from tsd.inject import inject, saved_modules, tsd_layers
 from tsd.layer import TSDLinear, subtract_update_
 from tsd.partition import gathered
 
@@ -51,12 +51,18 @@ def layer_state(layer: TSDLinear) -> dict[str, torch.Tensor]:
         }
 
 
-def collect_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """All TSD layers' tensors keyed `<module name>.<tensor>` (a collective under ZeRO-3)."""
+def collect_state(model: nn.Module, modules_to_save: list[str] = ()) -> dict[str, torch.Tensor]:
+    """All TSD layers' tensors keyed `<module name>.<tensor>`, and the parameters of the
+    modules trained whole (`modules_to_save`, e.g. a classification head) keyed
+    `<module name>.<parameter>` (a collective under ZeRO-3)."""
     state = {}
     for name, layer in tsd_layers(model):
         for k, v in layer_state(layer).items():
             state[f"{name}.{k}"] = v
+    for name, module in saved_modules(model, list(modules_to_save)):
+        for k, param in module.named_parameters():
+            with gathered([param]):
+                state[f"{name}.{k}"] = param.detach().to("cpu", copy=True).contiguous()
     return state
 
 
@@ -96,13 +102,15 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     state: dict[str, torch.Tensor] | None = None,
     extra_metadata: dict[str, str] | None = None,
+    task_type: str = "CAUSAL_LM",
 ) -> Path:
     """Write the PEFT adapter and the sidecar to `out_dir` atomically (a temporary folder,
     renamed into place when complete). `state` is `collect_state(model)` when already gathered
-    (under ZeRO-3: gather on every rank, write on one)."""
+    (under ZeRO-3: gather on every rank, write on one). `task_type` is PEFT's (CAUSAL_LM,
+    SEQ_CLS): it picks the model class `AutoPeftModel` rebuilds."""
     from peft import LoraConfig  # deferred: importing peft takes ~1 s and `import tsd` must stay light
 
-    state = collect_state(model) if state is None else state
+    state = collect_state(model, config.modules_to_save) if state is None else state
     layers = tsd_layers(model)
     if not layers:
         raise AdapterError("the model holds no TSD layers: nothing to export")
@@ -111,6 +119,9 @@ def save_adapter(
         A, B = peft_factors(layer, state, name + ".")
         peft_tensors[f"base_model.model.{name}.lora_A.weight"] = A
         peft_tensors[f"base_model.model.{name}.lora_B.weight"] = B
+    for name, module in saved_modules(model, config.modules_to_save):  # PEFT's key: no "modules_to_save.default"
+        for k, _ in module.named_parameters():
+            peft_tensors[f"base_model.model.{name}.{k}"] = state[f"{name}.{k}"]
     peft_config = LoraConfig(
         r=export_rank(config),
         lora_alpha=peft_alpha(config),
@@ -118,7 +129,8 @@ def save_adapter(
         lora_dropout=config.dropout,
         use_rslora=config.use_rslora,
         bias="none",
-        task_type="CAUSAL_LM",
+        modules_to_save=list(config.modules_to_save) or None,
+        task_type=task_type,
         base_model_name_or_path=base_model_name_or_path,
     )
     metadata = {
@@ -196,7 +208,16 @@ def apply_state(model: nn.Module, config: TSDConfig, state: dict[str, torch.Tens
     path = source
     inject(model, config)
     layers = dict(tsd_layers(model))
-    names = {k.rsplit(".", 1)[0] for k in state}
+    whole = dict(saved_modules(model, config.modules_to_save))
+    for name, module in whole.items():
+        own = {k: state.get(f"{name}.{k}") for k, _ in module.named_parameters()}
+        lost = [k for k, v in own.items() if v is None]
+        if lost:
+            raise AdapterError(f"{path}: no saved {name}.{lost[0]} (modules_to_save {config.modules_to_save})")
+        for k, param in module.named_parameters():
+            with gathered([param], modifier_rank=0):
+                param.copy_(own[k].to(param.dtype))
+    names = {k.rsplit(".", 1)[0] for k in state if not any(k.startswith(w + ".") for w in whole)}
     unknown = sorted(names - set(layers))
     if unknown:
         raise AdapterError(f"{path}: the adapter has layers the model lacks, e.g. {unknown[:3]}")
@@ -269,6 +290,9 @@ def save_full_model(model: nn.Module, out_dir: str | os.PathLike, is_writer: boo
                                                  indent=2))
     config = getattr(model, "config", None)
     if config is not None:
+        # what save_pretrained records: the class that holds these weights (a classifier built
+        # from an encoder folder would otherwise still say "BertModel")
+        config.architectures = [type(model).__name__]
         config.save_pretrained(str(tmp))
     generation = getattr(model, "generation_config", None)
     if generation is not None:

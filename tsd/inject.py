@@ -42,6 +42,22 @@ def tsd_layers(model: nn.Module) -> list[tuple[str, TSDLinear]]:
     return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, TSDLinear)]
 
 
+def saved_modules(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
+    """The modules `modules_to_save` names (outermost matches only), in module order. Names the
+    model lacks are skipped, as PEFT skips its sequence-classification defaults; none at all
+    matching is an error (a head that never trains would be silently random)."""
+    if not names:
+        return []
+    found: list[tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():
+        if name and matches_target(name, names) and not any(name.startswith(f + ".") for f, _ in found):
+            found.append((name, mod))
+    if not found:
+        raise TargetError(f"modules_to_save {names}: no module of {type(model).__name__} matched "
+                          f"(its top-level modules are {[n for n, _ in model.named_children()]})")
+    return found
+
+
 def numel(param) -> int:
     n = 1
     for d in full_shape(param):
@@ -57,8 +73,8 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def inject(model: nn.Module, config: TSDConfig) -> InjectionReport:
-    """Replace every target `nn.Linear` with a `TSDLinear` and freeze all other parameters
-    (method full: wrap nothing, train every parameter).
+    """Replace every target `nn.Linear` with a `TSDLinear` and freeze all other parameters but
+    those of `modules_to_save` (method full: wrap nothing, train every parameter).
 
     Call it with the same seed on every rank: the Kaiming init of A must be identical
     everywhere before DeepSpeed partitions the new parameters.
@@ -91,8 +107,15 @@ def inject(model: nn.Module, config: TSDConfig) -> InjectionReport:
                 f"{name}: num_directions s={config.dash_size} exceeds min(out, in)={min(m, n)} of its weight {m}x{n}"
             )
 
+    saved = saved_modules(model, config.modules_to_save)
+    clash = [n for n, _ in matched if any(n == s or n.startswith(s + ".") for s, _ in saved)]
+    if clash:
+        raise TargetError(f"{clash[0]} is both a target and inside modules_to_save; a module trains one way or the other")
     for p in model.parameters():
         p.requires_grad_(False)
+    for _, mod in saved:  # trained whole, beside the adapter (a classification head)
+        for p in mod.parameters():
+            p.requires_grad_(True)
     for name, mod in matched:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

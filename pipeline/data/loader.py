@@ -39,6 +39,67 @@ class TokenizedTasks(Dataset):
         return self.examples[i]
 
 
+def class_names(data: DataConfig, num_labels: int | None = None) -> list[str]:
+    """The classes of a seq_cls run, in id order: those of data.train (pipeline.data.labelled),
+    or `num_labels` ids when the config fixes more classes than the training rows show."""
+    from pipeline.data.labelled import label_names, load_labelled
+
+    records = [r for path in data.train for r in load_labelled(path)]
+    names = label_names(records, source=", ".join(data.train))
+    if num_labels is not None:
+        if num_labels < len(names):
+            raise ValueError(f"model.num_labels: {num_labels}, but data.train has {len(names)} classes ({', '.join(names)})")
+        if any(not n.isdigit() for n in names) and num_labels != len(names):
+            raise ValueError(f"model.num_labels: {num_labels}, but data.train names {len(names)} classes "
+                             f"({', '.join(names)}); extra classes need integer labels")
+        names = names + [str(i) for i in range(len(names), num_labels)]
+    return names
+
+
+def tokenize_labelled(tokenizer, record: dict, label: int, cutoff_len: int) -> dict:
+    """One classification example: the text (and its pair, as the tokenizer joins sentence pairs,
+    e.g. BERT's [SEP] and token types), truncated to `cutoff_len` tokens, and its class id."""
+    enc = tokenizer(record["text"], record.get("text_pair") or None, truncation=True, max_length=cutoff_len,
+                    padding=False, return_tensors=None)
+    example = {k: list(enc[k]) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+    example["labels"] = label
+    return example
+
+
+class TokenizedLabelled(Dataset):
+    """The text/label rows of `data.train` (first `data.limit`), tokenized, labels as class ids
+    of `names`. The seq_cls counterpart of TokenizedTasks; batch with `collate_labelled`."""
+
+    def __init__(self, data: DataConfig, tokenizer, names: list[str]):
+        from pipeline.data.labelled import encode_labels, load_labelled
+
+        self.examples = []
+        for path in data.train:
+            records = load_labelled(path)
+            labels = encode_labels(records, names, source=path)
+            self.examples += [tokenize_labelled(tokenizer, r, y, data.cutoff_len) for r, y in zip(records, labels)]
+        if data.limit:
+            self.examples = self.examples[: data.limit]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.examples[i]
+
+
+def collate_labelled(batch: list[dict], pad_id: int) -> dict:
+    """Right-pad classification examples: input_ids with `pad_id`, attention_mask and
+    token_type_ids with 0; labels are one class id per row."""
+    width = max(len(ex["input_ids"]) for ex in batch)
+    out: dict[str, torch.Tensor] = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("token_type_ids", 0)):
+        if key in batch[0]:
+            out[key] = torch.tensor([ex[key] + [fill] * (width - len(ex[key])) for ex in batch], dtype=torch.long)
+    out["labels"] = torch.tensor([ex["labels"] for ex in batch], dtype=torch.long)
+    return out
+
+
 class ResumableSampler(DistributedSampler):
     """A `DistributedSampler` whose next epoch can begin after the micro-batches a checkpoint
     already trained on: the skipped examples are never tokenized, collated or run again."""
@@ -64,11 +125,12 @@ def micro_batches_per_epoch(n_examples: int, world: int, micro_batch_size: int) 
     return n_examples // world // micro_batch_size
 
 
-def train_loader(dataset: TokenizedTasks, rank: int, world: int, seed: int, micro_batch_size: int,
+def train_loader(dataset: Dataset, rank: int, world: int, seed: int, micro_batch_size: int,
                  pad_id: int) -> DataLoader:
     """This rank's micro-batches; call `loader.sampler.start_at(epoch, done)` before each epoch."""
+    batch = collate_labelled if isinstance(dataset, TokenizedLabelled) else collate
     sampler = ResumableSampler(dataset, rank, world, seed, micro_batch_size)
     # A generator of its own: each `iter(loader)` draws a seed from it, which would otherwise come
     # from the global RNG and shift dropout's stream differently in a resumed run.
     return DataLoader(dataset, batch_size=micro_batch_size, sampler=sampler, drop_last=True,
-                      collate_fn=partial(collate, pad_id=pad_id), generator=torch.Generator().manual_seed(seed))
+                      collate_fn=partial(batch, pad_id=pad_id), generator=torch.Generator().manual_seed(seed))

@@ -1,4 +1,4 @@
-"""Random-init LLaMA-architecture model folders, for tests and benchmarks (no download).
+"""Random-init model folders (a LLaMA decoder, a BERT encoder), for tests and benchmarks (no download).
 
 A real `from_pretrained` folder: config, safetensors weights and a small word-level tokenizer
 trained on the given texts, so every loading path runs exactly as for a real model.
@@ -56,5 +56,22 @@ def make_model_dir(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_encoder_dir(path: str | Path, texts: list[str], hidden_size: int = 32, intermediate_size: int = 48,
+                     num_hidden_layers: int = 2, num_attention_heads: int = 4, seed: int = 0) -> Path:
+    """Save a random-init BERT encoder (a `BertModel`, no head: like all-MiniLM-L6-v2's folder)
+    with a word-level tokenizer to `path`; `AutoModelForSequenceClassification` adds the head."""
+    from transformers import BertConfig, BertModel
+
+    path = Path(path)
+    tokenizer = make_tokenizer(texts)
+    config = BertConfig(vocab_size=max(len(tokenizer), 8), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                        num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                        max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

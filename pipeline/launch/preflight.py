@@ -13,12 +13,14 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from pipeline.config import ConfigError, RunConfig, check_paths
 from pipeline.data.tasks import extract_answer, load_many, load_records
 from pipeline.evaluate import row_format
+from pipeline.data.loader import class_names
 from pipeline.logs import log
+from pipeline.model_task import model_class
 from pipeline.tracking.registry import model_registry_problem
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.training.engine import read_deepspeed_json
@@ -56,7 +58,7 @@ def _check_model(cfg: RunConfig) -> None:
     try:
         hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
+            model = model_class(cfg.model.task).from_config(hf_config, trust_remote_code=cfg.model.trust_remote_code)
     except Exception as e:  # a broken or unsupported config.json: any library error, named once
         first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"model.path: {path / 'config.json'} cannot be used: {type(e).__name__}: {first}") from None
@@ -70,6 +72,8 @@ def _check_model(cfg: RunConfig) -> None:
 
 def _check_data(cfg: RunConfig) -> int:
     """Training (and test) files parse; test answers can be scored. Returns the training rows used."""
+    if cfg.model.task == "seq_cls":
+        return _check_labelled(cfg)
     n = len(load_many(cfg.data.train))
     if cfg.data.limit:
         n = min(n, cfg.data.limit)
@@ -83,6 +87,18 @@ def _check_data(cfg: RunConfig) -> int:
                     f"answer format of task {task!r}, so the row could never be scored correct"
                 )
     return n
+
+
+def _check_labelled(cfg: RunConfig) -> int:
+    """A classifier's files: text/label rows, at least two classes in training, every test label
+    one of them (pipeline.data.labelled). Returns the training rows used."""
+    from pipeline.data.labelled import encode_labels, load_labelled
+
+    names = class_names(cfg.data, cfg.model.num_labels)
+    n = sum(len(load_labelled(path)) for path in cfg.data.train)
+    for _, path in cfg.data.test_sets().items():
+        encode_labels(load_labelled(path), names, source=path)
+    return min(n, cfg.data.limit) if cfg.data.limit else n
 
 
 def _check_resources(cfg: RunConfig) -> None:

@@ -11,11 +11,12 @@ import random
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline.config import RunConfig
 from pipeline.logs import log
+from pipeline.model_task import HEAD_MODULES, head_config, init_head, model_class
 from pipeline.training.partitioned_load import CannotLoadPartitioned, load_partitioned, weight_files
 from pipeline.training.distributed import rank_and_world
 from pipeline.training.strategy import STAGES
@@ -114,9 +115,10 @@ def zero3_limits(cfg: RunConfig, roomy: bool) -> dict[str, int]:
     }
 
 
-def load_model(cfg: RunConfig, ds_config: dict):
+def load_model(cfg: RunConfig, ds_config: dict, labels: list[str] | None = None):
     """Load the base model: under ZeRO-3 partitioned (every rank keeps only its slices), else a
-    whole copy on every rank.
+    whole copy on every rank. For model.task seq_cls, with a head over `labels` (class names in
+    id order) started from the run's seed (pipeline.model_task.init_head).
 
     `HfDeepSpeedConfig` must exist, and stay referenced, while `from_pretrained` runs: it is
     how transformers knows to build the model inside `deepspeed.zero.Init` (ZeRO-3 only).
@@ -127,24 +129,32 @@ def load_model(cfg: RunConfig, ds_config: dict):
     hf_ds = HfDeepSpeedConfig(ds_config)
     dtype = getattr(torch, cfg.model.dtype)
     remote = cfg.model.trust_remote_code
+    auto = model_class(cfg.model.task)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=remote)
+    classifier = cfg.model.task == "seq_cls"
+    if classifier:
+        head_config(config, len(labels), labels, tokenizer.pad_token_id)
+    new = list(HEAD_MODULES) if classifier else []  # not in the pretrained files
     if ds_config["zero_optimization"]["stage"] != 3:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=remote)
+        model = auto.from_pretrained(str(path), config=config, dtype=dtype, trust_remote_code=remote)
     else:
         try:
             weight_files(path)  # safetensors: each rank reads only its slices (no whole copy on rank 0)
-            config = AutoConfig.from_pretrained(str(path), trust_remote_code=remote)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote)
-            load_partitioned(model, path)
-            if (path / "generation_config.json").is_file():
+            model = auto.from_config(config, dtype=dtype, trust_remote_code=remote)
+            load_partitioned(model, path, new_modules=new)
+            if (path / "generation_config.json").is_file() and not classifier:
                 model.generation_config = GenerationConfig.from_pretrained(str(path))
             model.eval()  # as from_pretrained leaves it; the loop switches to training mode
         except CannotLoadPartitioned as why:
             log(f"WARNING: loading {path} through transformers' ZeRO-3 path, where rank 0 holds the whole model "
                 f"while loading: {why}")
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=remote)
-    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+            model = auto.from_pretrained(str(path), config=config, dtype=dtype, trust_remote_code=remote)
+    if classifier:
+        heads = init_head(model, cfg.train.seed)
+        log(f"classification head {', '.join(heads)} over {len(labels)} classes, started from seed {cfg.train.seed}")
     return model, tokenizer, hf_ds
 
 

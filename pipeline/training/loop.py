@@ -8,6 +8,7 @@ processes start (Ray Train, the DeepSpeed launcher, torchrun) and hands over a `
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -22,9 +23,11 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import RunConfig, check_switch_fits
-from pipeline.data.loader import TokenizedTasks, micro_batches_per_epoch, train_loader
+from pipeline.data.loader import (TokenizedLabelled, TokenizedTasks, class_names, micro_batches_per_epoch,
+                                  train_loader)
 from pipeline.evaluate import evaluate_after_training
 from pipeline.logs import log, setup_logging
+from pipeline.model_task import PEFT_TASK_TYPE
 from pipeline.paths import write_json_atomic
 from pipeline.run_folder import RESULT_FILE, write_run_config
 from pipeline.tracking.logger import RunLogger
@@ -174,6 +177,7 @@ class Session:
     strategy: str = "zero3"  # how the weights are spread over the ranks (pipeline.training.strategy)
     tight: bool = False  # ZeRO-3 with a rank that cannot hold the model twice: freed memory is returned at once
     last_loss: float = float("nan")  # the last trained step's loss (a resumed run's, from its checkpoint)
+    classes: list[str] | None = None  # model.task seq_cls: the class names in id order
 
 
 def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> Session:
@@ -200,7 +204,8 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
         cfg = keep_global_batch(cfg, saved, world)
     ds_config = deepspeed_config(cfg, strategy, roomy)
     t0 = time.perf_counter()
-    model, tokenizer, hf_ds = load_model(cfg, ds_config)
+    classes = class_names(cfg.data, cfg.model.num_labels) if cfg.model.task == "seq_cls" else None
+    model, tokenizer, hf_ds = load_model(cfg, ds_config, classes)
     if strategy == "zero3":
         assert_partitioned(model)
     # The same seed on every rank: A's Kaiming init must agree before ZeRO-3 partitions it.
@@ -209,7 +214,7 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     how = f"partitioned over {world} rank(s)" if strategy == "zero3" else f"whole on each of {world} rank(s)"
     log(f"model {cfg.model.path} loaded {how} in {time.perf_counter() - t0:.1f}s; {injection}")
 
-    dataset = TokenizedTasks(cfg.data, tokenizer)
+    dataset = TokenizedLabelled(cfg.data, tokenizer, classes) if classes else TokenizedTasks(cfg.data, tokenizer)
     total_steps = optimizer_steps(cfg, len(dataset), world)
     loader = train_loader(dataset, rank, world, cfg.train.seed, cfg.train.micro_batch_size, tokenizer.pad_token_id)
     sched_state = {"phase_start": 0}
@@ -221,7 +226,7 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     )
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)
     session = Session(cfg, engine, optimizer, scheduler, tokenizer, loader, ds_config, total_steps, sched_state, hf_ds,
-                      memory=memory, strategy=strategy, tight=not roomy)
+                      memory=memory, strategy=strategy, tight=not roomy, classes=classes)
     if tag is not None:
         memory.enter("resume")
         resume(session, tag, saved, len(dataset), tracker)
@@ -411,11 +416,12 @@ def finish(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, result: Trai
     rank, _ = rank_and_world()
     run_dir = cfg.run_dir.resolve()
     s.memory.enter("export")
-    result.adapter_dir, adapter_state = export_adapter(s.engine.module, cfg, cfg.method.tsd(), run_dir, tracker)
+    result.adapter_dir, adapter_state = export_adapter(s.engine.module, cfg, cfg.method.tsd(), run_dir, tracker,
+                                                       s.classes)
     if cfg.data.test:
         s.memory.enter("evaluate")
         result.metrics.update(evaluate_after_training(s.engine, adapter_state, s.tokenizer, cfg, run_dir, tracker,
-                                                             result.steps))
+                                                      result.steps, s.classes))
     gather_and_log(s.memory, tracker, run_dir, result.steps)
     if math.isfinite(result.final_loss):  # never a NaN for "nothing trained" (an old checkpoint's resume)
         tracker.log_metrics({"final_loss": result.final_loss}, result.steps)
@@ -478,9 +484,11 @@ def record_restart(tracker, step: int) -> None:
     log(f"resume #{count} recorded in MLflow run {tracker.run_id}")
 
 
-def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker) -> tuple[str, dict]:
-    """Gather the TSD tensors (every rank), write the PEFT adapter + sidecar (rank 0), log it.
-    Returns the folder and every rank's gathered copy of the state (evaluation needs no disk)."""
+def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker,
+                   classes: list[str] | None = None) -> tuple[str, dict]:
+    """Gather the TSD tensors and any head (every rank), write the PEFT adapter + sidecar (rank
+    0), log it. Returns the folder and every rank's gathered copy of the state (evaluation needs
+    no disk). A classifier's class names go into the sidecar's metadata."""
     rank, _ = rank_and_world()
     if tsd_cfg.is_full:  # full fine-tuning: the whole model, shard by shard (a collective under ZeRO-3)
         out = run_dir / "model"
@@ -491,10 +499,12 @@ def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker) -> tu
         if dist.is_initialized():
             dist.barrier()
         return str(out), {}
-    state = collect_state(model)  # a collective under ZeRO-3
+    state = collect_state(model, tsd_cfg.modules_to_save)  # a collective under ZeRO-3
     out = run_dir / "adapter"
     if rank == 0:
-        save_adapter(model, out, tsd_cfg, base_model_name_or_path=str(Path(cfg.model.path).resolve()), state=state)
+        save_adapter(model, out, tsd_cfg, base_model_name_or_path=str(Path(cfg.model.path).resolve()), state=state,
+                     task_type=PEFT_TASK_TYPE[cfg.model.task],
+                     extra_metadata={"labels": json.dumps(classes)} if classes else None)
         log(f"adapter written to {out} ({len(tsd_layers(model))} layers)")
         tracker.log_artifacts(str(out), "adapter")
     if dist.is_initialized():

@@ -43,10 +43,11 @@ def weight_files(folder: Path) -> list[Path]:
     raise CannotLoadPartitioned(f"{folder} has no model.safetensors (or index); only safetensors are read here")
 
 
-def load_partitioned(model: torch.nn.Module, folder: Path) -> int:
+def load_partitioned(model: torch.nn.Module, folder: Path, new_modules: list[str] = ()) -> int:
     """Fill every ZeRO-3 parameter's local slice (and every buffer the files hold) from the
     folder's safetensors files. Returns the number of tensors read. Raises CannotLoadPartitioned
-    before writing anything when a parameter is not in the files under its own name."""
+    before writing anything when a parameter is not in the files under its own name, unless it
+    belongs to one of `new_modules` (a classification head the caller initialises itself)."""
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights: every alias
     buffers = dict(model.named_buffers())
     prefix = getattr(model, "base_model_prefix", "")
@@ -61,7 +62,12 @@ def load_partitioned(model: torch.nn.Module, folder: Path) -> int:
     aliases: dict[int, list[str]] = {}  # tied weights are one parameter under several names
     for n, p in params.items():
         aliases.setdefault(id(p), []).append(n)
-    missing = [n for n in params if not any(a in where for a in aliases[id(params[n])])]
+    fresh = tuple(new_modules)
+
+    def is_new(name: str) -> bool:
+        return any(name == m or name.startswith(m + ".") or f".{m}." in f".{name}" for m in fresh)
+
+    missing = [n for n in params if not any(a in where for a in aliases[id(params[n])]) and not is_new(n)]
     if missing:
         raise CannotLoadPartitioned(f"{len(missing)} parameter(s) not found under their own name, e.g. {missing[0]}")
     rank = dist.get_rank() if dist.is_initialized() else 0
