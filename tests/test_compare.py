@@ -97,7 +97,7 @@ def test_files_and_comparison_run(store, tmp_path):
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| LoRA-Dash | 8 | 72.00 ± 2.00 | 82.00 ± 2.65 | - | 77.00 ± 2.29 | 0.8302 | 3 |" in md
     # Paired with LoRA r=8, which ran seed 1 only: 75.00 - 71.50 (LoRA's mean of its tasks).
-    assert "| LoRA-Dash | 8 | 3.50 | s1: +3.50 | 1 / 0 | 1 |" in md
+    assert "| LoRA-Dash | 8 | 3.50 | — | — | s1: +3.50 | 1 / 0 | 1 |" in md
     rows = list(csv.DictReader(io.StringIO((tmp_path / "cmp" / "comparison.csv").read_text())))
     dash = next(r for r in rows if r["method"] == "dash")
     assert float(dash["boolq_mean"]) == pytest.approx(72.0) and float(dash["piqa_std"]) == pytest.approx(math.sqrt(7))
@@ -155,6 +155,9 @@ def test_paired_with_lora_matches_the_seed_by_seed_differences():
     assert dash.diffs.values == [3.0, -1.0, 4.0]
     assert dash.diffs.mean == pytest.approx(2.0) and dash.diffs.std == pytest.approx(math.sqrt(7.0))
     assert (dash.wins, dash.losses) == (2, 1)
+    half = 4.303 * math.sqrt(7.0) / math.sqrt(3)  # t(0.975, 2)
+    assert dash.ci95 == pytest.approx((2.0 - half, 2.0 + half))
+    assert dash.p == pytest.approx(2 / 8)  # |3 - 1 + 4| = 6 is reached by +++ and --- only
 
     # Full fine-tuning has no rank: its row shows none and it pairs with LoRA of every rank.
     full = build_table(runs + [run("full", None, "0", 70.0), run("full", None, "1", 40.0)])
@@ -179,5 +182,5 @@ def test_loss_window_pairs_the_logged_training_loss(tmp_path):
             MlflowClient(uri).log_metric(ids[method], "loss", v, step=step)
     out = compare_experiment(uri, "loss", loss_window=2)
     # last 2 steps: dash (1.5 + 0.5) / 2 = 1.0, LoRA (2 + 1) / 2 = 1.5 -> -0.5, a win
-    assert "| LoRA-Dash | 4 | -0.5000 | s0: -0.5000 | 1 / 0 | 1 |" in out["paired"]
+    assert "| LoRA-Dash | 4 | -0.5000 | — | — | s0: -0.5000 | 1 / 0 | 1 |" in out["paired"]
     assert "mean of the last 2 logged steps" in out["paired"]

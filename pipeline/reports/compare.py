@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.reports.plots import new_figure, save_figure
+from pipeline.reports.stats import mean_ci95, sign_flip_p
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import client, end_run, sqlite_path, start_run
@@ -332,6 +333,16 @@ class Paired:
     def losses(self) -> int:
         return sum((d < 0) if self.higher_is_better else (d > 0) for d in self.diffs.values)
 
+    @property
+    def ci95(self) -> tuple[float, float] | None:
+        """The 95% t-interval of the mean paired difference."""
+        return mean_ci95(self.diffs.values)
+
+    @property
+    def p(self) -> float | None:
+        """Exact two-sided sign-flip p-value of "no difference"."""
+        return sign_flip_p(self.diffs.values)
+
 
 def paired_with_lora(table: Table, value: Callable[[RunResult], float | None] = lambda run: run.avg,
                      higher_is_better: bool = True) -> list[Paired]:
@@ -379,10 +390,13 @@ def training_loss_tail(tracking_uri: str, runs: Sequence[RunResult], window: int
 
 
 def format_paired_markdown(pairs: Sequence[Paired], digits: int = 1, what: str = "Avg. − LoRA (pp)") -> str:
-    out = [f"| Method | r | {what} | per seed | better / worse | n |", "| --- | ---: | ---: | --- | ---: | ---: |"]
+    out = [f"| Method | r | {what} | 95% CI | sign-flip p | per seed | better / worse | n |",
+           "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for p in pairs:
         per_seed = ", ".join(f"s{s}: {d:+.{digits}f}" for s, d in zip(p.seeds, p.diffs.values))
-        out.append(f"| {method_label(p.method)} | {p.r} | {format_cell(p.diffs, digits)} | {per_seed} | "
+        ci = f"[{p.ci95[0]:+.{digits}f}, {p.ci95[1]:+.{digits}f}]" if p.ci95 else "—"
+        pv = f"{p.p:.3f}" if p.p is not None and p.diffs.n > 1 else "—"
+        out.append(f"| {method_label(p.method)} | {p.r} | {format_cell(p.diffs, digits)} | {ci} | {pv} | {per_seed} | "
                    f"{p.wins} / {p.losses} | {p.diffs.n} |")
     return "\n".join(out)
 
@@ -394,7 +408,8 @@ def paired_sections(table: Table, digits: int = 1, loss_tail: dict[str, float] |
     pairs = paired_with_lora(table)
     if pairs:
         text += ("\n## Paired with LoRA (same rank, same seed)\n\nDifference of the average accuracy, "
-                 "mean ± sample std over seeds.\n\n" + format_paired_markdown(pairs, digits) + "\n")
+                 "mean ± sample std over seeds, the 95% t-interval of the mean and the exact sign-flip p-value "
+                 "(pipeline/reports/stats.py).\n\n" + format_paired_markdown(pairs, digits) + "\n")
     if loss_tail:
         losses = paired_with_lora(table, lambda run: loss_tail.get(run.run_id), higher_is_better=False)
         if losses:
