@@ -157,7 +157,7 @@ def test_paired_with_lora_matches_the_seed_by_seed_differences():
     assert (dash.wins, dash.losses) == (2, 1)
     half = 4.303 * math.sqrt(7.0) / math.sqrt(3)  # t(0.975, 2)
     assert dash.ci95 == pytest.approx((2.0 - half, 2.0 + half))
-    assert dash.p == pytest.approx(2 / 8)  # |3 - 1 + 4| = 6 is reached by +++ and --- only
+    assert dash.p == pytest.approx(4 / 8)  # of the 8 sums ±3±1±4, four reach |6|: 8, 6, -6, -8
 
     # Full fine-tuning has no rank: its row shows none and it pairs with LoRA of every rank.
     full = build_table(runs + [run("full", None, "0", 70.0), run("full", None, "1", 40.0)])
