@@ -265,7 +265,11 @@ def test_prepare_cls_offline(tmp_path, capsys, task, usable, pairs):
     meta = json.loads(out["meta"].read_text())
     assert out["train"].parent == tmp_path / "data" / task / "seed3-test3"
     assert meta["task_type"] == "seq_cls" and meta["labels"] == list(CLS_TASKS[task].labels)
-    assert len(test) == 3 and len(train) == usable - 3 == meta["counts"]["train"]
+    if task == "winowhy":  # split by sentence: 3 test sentences, none of them in train
+        assert len({r["text"] for r in test}) == 3 and not {r["text"] for r in train} & {r["text"] for r in test}
+        assert len(train) + len(test) == usable and meta["split_by"] == "text"
+    else:
+        assert len(test) == 3 and len(train) == usable - 3 == meta["counts"]["train"]
     assert not {r["id"] for r in train} & {r["id"] for r in test}
     assert meta["splits"] == {"train": [r["id"] for r in train], "test": [r["id"] for r in test]}
     assert all(isinstance(r["label"], int) for r in train + test)
@@ -343,7 +347,12 @@ def test_real_cls_task(real_cache, capsys, task):
     c = meta["counts"]
     assert (c["source_rows"], c["duplicates_dropped"], c["conflicting_dropped"]) == (n_source, dup, conflict)
     assert c["usable"] == n_source - dup - conflict == len(train) + len(test)
-    assert len(test) == round(0.2 * c["usable"])
+    if task == "winowhy":  # whole sentences on one side: 20% of the sentences in test
+        sentences = {r["text"] for r in train + test}
+        assert len({r["text"] for r in test}) == round(0.2 * len(sentences))
+        assert not {r["text"] for r in train} & {r["text"] for r in test}
+    else:
+        assert len(test) == round(0.2 * c["usable"])
     ids = [r["id"] for r in train + test]
     assert len(set(ids)) == len(ids) and not {r["id"] for r in train} & {r["id"] for r in test}
     assert meta["task_type"] == "seq_cls" and meta["labels"] == list(CLS_TASKS[task].labels)

@@ -407,13 +407,22 @@ def split_ids(ids: list[str], test_size: int | float, seed: int) -> tuple[list[s
     return order[k:], order[:k]
 
 
-def split_records(records: list[dict], test_size: int | float, seed: int, id_key: str = "id") -> tuple[list[dict], list[dict]]:
-    """`split_ids` applied to records carrying a unique `id_key`."""
+def split_records(records: list[dict], test_size: int | float, seed: int, id_key: str = "id",
+                  group_key: str | None = None) -> tuple[list[dict], list[dict]]:
+    """`split_ids` applied to records carrying a unique `id_key`. With `group_key`, whole groups
+    (rows sharing that field's value) are split instead, `test_size` counting groups: no group
+    has rows on both sides."""
     by_id = {r[id_key]: r for r in records}
     if len(by_id) != len(records):
         raise ValueError(f"split_records: '{id_key}' values are not unique")
-    train, test = split_ids(list(by_id), test_size, seed)
-    return [by_id[i] for i in train], [by_id[i] for i in test]
+    if group_key is None:
+        train, test = split_ids(list(by_id), test_size, seed)
+        return [by_id[i] for i in train], [by_id[i] for i in test]
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(str(r[group_key]), []).append(r)
+    train_g, test_g = split_ids(list(groups), test_size, seed)
+    return [r for g in train_g for r in groups[g]], [r for g in test_g for r in groups[g]]
 
 
 # ----------------------------------------------------------------------------- task sources
@@ -622,6 +631,9 @@ class ClsTaskSpec:
     # usable rows then get the same ids, so for a seed both tasks test on the same questions.
     id_prefix: str | None = None
     note: str = ""  # what a user of the split should know about the data (written to meta.json)
+    # Split whole groups of rows sharing this field (test_size then counts groups), when rows of
+    # one group would leak the answer across the split.
+    split_by: str | None = None
 
 
 CLS_TASKS: dict[str, ClsTaskSpec] = {
@@ -632,8 +644,9 @@ CLS_TASKS: dict[str, ClsTaskSpec] = {
                direct_url_deps=True, note="BIG-bench canary: do not republish this data"),
         _parse_winowhy,
         ("incorrect", "correct"),
-        note="271 Winograd sentences with ~10 reasons each; the split is by row (like every task here), so a "
-             "test sentence also occurs in train with other reasons",
+        note="271 Winograd sentences with ~10 reasons each: split by sentence (test_size counts sentences), "
+             "so no test sentence occurs in train with other reasons",
+        split_by="text",
     ),
     "quartz_cls": ClsTaskSpec(TASKS["quartz"].source, _parse_quartz_cls, ("A", "B"), id_prefix="quartz"),
 }
@@ -704,7 +717,8 @@ def prepare_data(
             tag += f"-{test_limit}"
     out_dir = root / "data" / task / tag
     paths = {"train": out_dir / "train.json", "test": out_dir / "test.json", "meta": out_dir / "meta.json"}
-    ready = None if force else _ready_split(paths, (task, seed, test_size, limit, test_limit))
+    ready = None if force else _ready_split(paths, (task, seed, test_size, limit, test_limit,
+                                                    getattr(spec, "split_by", None)))
     if ready is not None:
         log(f"{task}: ready ({ready['counts']['train']} train / {ready['counts']['test']} test) in {out_dir}")
         return paths
@@ -717,7 +731,8 @@ def prepare_data(
     items, unparseable = spec.parse(data)
     build = build_cls_records if task in CLS_TASKS else build_task_records
     records, dropped = build(task, items)
-    train_full, test_full = split_records(records, test_size, seed)
+    split_by = getattr(spec, "split_by", None)
+    train_full, test_full = split_records(records, test_size, seed, group_key=split_by)
     train = train_full[:limit] if limit is not None else train_full
     test = test_full[:test_limit] if test_limit is not None else test_full
 
@@ -732,7 +747,9 @@ def prepare_data(
         "limit": limit,
         "test_limit": test_limit,
         "split_method": "ids ordered by sha256(f'{seed}:{id}'); the first n_test are test, the rest train; "
-                        "limit keeps a prefix of each",
+                        "limit keeps a prefix of each" + (f"; whole groups of equal '{split_by}' are split, "
+                                                          f"n_test counting groups" if split_by else ""),
+        "split_by": split_by,
         "source": {
             "package": spec.source.package,
             "archive": archive.name,
@@ -797,7 +814,8 @@ def _ready_split(paths: dict, settings: tuple) -> dict | None:
         meta = json.loads(paths["meta"].read_text())
         files_ok = all(paths[k].is_file() and sha256_file(paths[k]) == meta["files"][k]["sha256"]
                        for k in ("train", "test"))
-        same = (meta["task"], meta["seed"], meta["test_size"], meta["limit"], meta["test_limit"]) == settings
+        same = (meta["task"], meta["seed"], meta["test_size"], meta["limit"], meta["test_limit"],
+                meta.get("split_by")) == settings
     except (ValueError, KeyError, TypeError):
         return None
     return meta if files_ok and same else None
