@@ -58,11 +58,12 @@ def naive_direction(Ua, Va, Ub, Vb) -> float:
 def test_identical_disjoint_and_partial():
     U, V = _orthonormal(24, 16, 0), _orthonormal(20, 16, 1)
     a = _selection(U, V, [0, 3, 5, 7])
-    assert layer_overlaps(a, a) == pytest.approx({"index": 1.0, "U": 1.0, "V": 1.0, "UV": 1.0}, abs=1e-12)
+    assert layer_overlaps(a, a) == pytest.approx({"index": 1.0, "U": 1.0, "V": 1.0, "UV": 1.0, "chance": 4 / 20},
+                                              abs=1e-12)  # chance: s / min(m, n) = 4 / 20
     disjoint = _selection(U, V, [1, 2, 4, 6])
-    assert layer_overlaps(a, disjoint) == pytest.approx({"index": 0.0, "U": 0.0, "V": 0.0, "UV": 0.0}, abs=1e-12)
+    assert layer_overlaps(a, disjoint) == pytest.approx({"index": 0.0, "U": 0.0, "V": 0.0, "UV": 0.0, "chance": 0.2}, abs=1e-12)
     half = _selection(U, V, [5, 7, 8, 9])
-    assert layer_overlaps(a, half) == pytest.approx({"index": 0.5, "U": 0.5, "V": 0.5, "UV": 0.5}, abs=1e-12)
+    assert layer_overlaps(a, half) == pytest.approx({"index": 0.5, "U": 0.5, "V": 0.5, "UV": 0.5, "chance": 0.2}, abs=1e-12)
     # the same left vectors paired with other right vectors: U agrees, the directions do not
     mixed = LayerSelection("l", torch.tensor([0, 3, 5, 7]), U[:, [0, 3, 5, 7]], V[:, [1, 2, 4, 6]])
     assert layer_overlaps(a, mixed)["U"] == pytest.approx(1.0)
@@ -191,7 +192,9 @@ def test_cli_writes_tables_and_plots(tmp_path, capsys):
     assert float(uv[1][2]) == pytest.approx(sum(ab) / len(ab))
     for png in ["overlap_heatmaps.png", "cross_layer_r4.png", "cross_layer_r8.png", "cross_layer_seed2.png"]:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    assert "| r4 vs r8 |" in (out / "overlap.md").read_text()
+    md = (out / "overlap.md").read_text()
+    assert "| r4 vs r8 |" in md and "| r4 vs r8 | chance |" in md
+    assert "## Chance: the same measures for uniformly random choices" in md
     assert cli.main(["analyze", str(a), "--labels", "x,y", "--out", str(out)]) == 2
 
 

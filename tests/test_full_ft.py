@@ -4,7 +4,8 @@ The exported model (safetensors written one gathered parameter at a time) must h
 trained weights: checked against DeepSpeed's own consolidation of the run's last checkpoint
 (deepspeed.utils.zero_to_fp32, an independent path), and the reloaded model's logits against a
 model given those weights. A run stopped at step 2 and resumed ends with the uninterrupted
-run's model.
+run's model. The Ray launcher (`tsd train`) and the DeepSpeed launcher run the same loop to the
+same model, and the Ray run's MLflow run holds it.
 """
 
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from proc_group import crashed_after, make_tiny_model, tiny_config, torchrun_worker
+from proc_group import BIN, ROOT, child_env, crashed_after, make_tiny_model, run_group, tiny_config, torchrun_worker
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -68,3 +69,31 @@ def test_full_run_resumes_to_the_same_model(full_run):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("launcher", ["ray", "deepspeed"])
+def test_other_launchers_train_the_same_full_model(full_run, launcher):
+    import mlflow
+
+    wd, run = full_run
+    name = f"full-{launcher}"
+    cfg = tiny_config(wd / "model", wd / "runs", name)
+    cfg["method"].update(method="full")
+    cfg["train"].update(max_steps=4, checkpoint_every=1, keep_checkpoints=None, lr=1e-3)
+    cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment="full")
+    path = wd / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [str(BIN / "tsd"), "train", str(path)] if launcher == "ray" else ["bash", "launch/deepspeed.sh", str(path)]
+    env = child_env(NPROC="2", MASTER_PORT="29547", DEEPSPEED=str(BIN / "deepspeed"))
+    proc = run_group(cmd, cwd=ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+    a, b = load_file(str(run / "model/model.safetensors")), load_file(str(wd / "runs" / name / "model/model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0, msg=k)
+    client = mlflow.MlflowClient(f"sqlite:///{wd}/mlflow.db")
+    (mlrun,) = [r for r in client.search_runs([client.get_experiment_by_name("full").experiment_id])
+                if r.info.run_name == name]
+    assert mlrun.info.status == "FINISHED" and mlrun.data.params["method.method"] == "full"
+    assert {f.path for f in client.list_artifacts(mlrun.info.run_id, "model")} >= {"model/model.safetensors",
+                                                                                   "model/config.json"}

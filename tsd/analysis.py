@@ -210,12 +210,16 @@ def direction_overlap(Ua: torch.Tensor, Va: torch.Tensor, Ub: torch.Tensor, Vb: 
 
 
 def layer_overlaps(a: LayerSelection, b: LayerSelection) -> dict[str, float]:
-    """Every measure for one pair of selections; NaN where the shapes differ (U/V/UV)."""
+    """Every measure for one pair of selections; NaN where the shapes differ (U/V/UV); and
+    "chance", what every measure averages when each selection is a uniformly random choice of
+    its size among the layer's k = min(m, n) singular directions (the u_i, v_i and u_i v_i^T of
+    one SVD are orthonormal, so all four measures then equal the index overlap)."""
     return {
         "index": index_overlap(a.indices, b.indices),
         "U": subspace_overlap(a.U, b.U),
         "V": subspace_overlap(a.V, b.V),
         "UV": direction_overlap(a.U, a.V, b.U, b.V),
+        "chance": chance_index_overlap(a.indices.numel(), b.indices.numel(), min(a.shape)),
     }
 
 
@@ -233,14 +237,14 @@ class OverlapReport:
     many layers entered the mean."""
 
     labels: list[str]
-    matrices: dict[str, torch.Tensor]
+    matrices: dict[str, torch.Tensor]  # the MEASURES, and "chance"
     per_layer: dict[tuple[int, int], dict[str, dict[str, float]]]
     common_layers: dict[tuple[int, int], int]
 
 
 def pairwise_overlaps(selections: Sequence[Selections]) -> OverlapReport:
     k = len(selections)
-    mats = {m: torch.full((k, k), math.nan, dtype=torch.float64) for m in MEASURES}
+    mats = {m: torch.full((k, k), math.nan, dtype=torch.float64) for m in (*MEASURES, "chance")}
     per_layer: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
     common_n: dict[tuple[int, int], int] = {}
     for i in range(k):
@@ -251,7 +255,7 @@ def pairwise_overlaps(selections: Sequence[Selections]) -> OverlapReport:
             if i < j:
                 per_layer[(i, j)] = values
                 common_n[(i, j)] = len(common)
-            for m in MEASURES:
+            for m in mats:
                 v = _nanmean([values[n][m] for n in common])
                 mats[m][i, j] = mats[m][j, i] = v
     return OverlapReport([s.label for s in selections], mats, per_layer, common_n)

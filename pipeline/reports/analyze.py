@@ -85,13 +85,16 @@ def report_markdown(report: OverlapReport, selections: Sequence[Selections], dig
         parts += [f"> **Caveat:** {note}", ""]
     for m in MEASURES:
         parts += [f"## {MEASURE_TITLES[m]} (mean over common layers)", "", matrix_markdown(report.labels, report.matrices[m], digits), ""]
+    parts += ["## Chance: the same measures for uniformly random choices of s of each layer's k = min(m, n) "
+              "singular directions (s / k; mean over common layers)", "",
+              matrix_markdown(report.labels, report.matrices["chance"], digits), ""]
     if report.per_layer:
         parts += ["## Per module type (mean over layers)", ""]
         groups = sorted({g for vals in report.per_layer.values() for g in per_group_mean(vals, "index")})
         parts.append("| pair | measure | " + " | ".join(groups) + " |")
         parts.append("|---|---|" + "---:|" * len(groups))
         for (i, j), vals in report.per_layer.items():
-            for m in MEASURES:
+            for m in (*MEASURES, "chance"):
                 means = per_group_mean(vals, m)
                 parts.append(f"| {report.labels[i]} vs {report.labels[j]} | {m} | "
                              + " | ".join(_fmt(means.get(g, math.nan), digits) for g in groups) + " |")  # fmt: skip
