@@ -121,3 +121,15 @@ def exit_now(code: int) -> NoReturn:
         except Exception:
             pass
     os._exit(code)
+
+
+def prefer_interpreter_tools() -> None:
+    """Put this interpreter's bin folder first on PATH (once). DeepSpeed compiles its CPU
+    collectives op at start-up (cached in ~/.cache/torch_extensions) with the `ninja` it finds on
+    PATH, and rebuilds it whenever that ninja changes: runs started with and without the venv on
+    PATH (a test harness, a sweep script) alternated between the venv's ninja and the system's and
+    recompiled at every start, 20-60 s of every core each time."""
+    bin_dir = os.path.dirname(sys.executable)
+    parts = os.environ.get("PATH", "").split(os.pathsep)
+    if parts[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *[p for p in parts if p != bin_dir]])

@@ -37,7 +37,7 @@ from pipeline.tracking.store import client, close_run, start_or_continue_run
 from pipeline.training import rank_failure
 from pipeline.training.checkpoint import (choose_resume_tag, rebuild_after_resume, restore_rng, save_checkpoint,
                                          weights_only_checkpoint_engine)
-from pipeline.training.distributed import leave_process_group, rank_and_world
+from pipeline.training.distributed import leave_process_group, prefer_interpreter_tools, rank_and_world
 from pipeline.training.engine import (ROOMY_HEADROOM, assert_partitioned, deepspeed_config, load_model,
                                       lr_lambda_factory, read_deepspeed_json, reset_optimizer_state, restart_schedule,
                                       seed_everything)
@@ -101,6 +101,7 @@ def optimizer_steps(cfg: RunConfig, n_examples: int, world: int) -> int:
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     setup_logging()  # first: dependency warnings are filtered before anything can raise them
+    prefer_interpreter_tools()  # before DeepSpeed compiles (or finds compiled) its CPU op
     # Deferred: importing deepspeed takes seconds and probes the accelerator; the preflight and
     # the driver import this module without training.
     import deepspeed
