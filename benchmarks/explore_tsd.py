@@ -17,6 +17,12 @@ overlap of the spans of the rank-one directions u_i v_i^T. Chance, for s of the 
 singular directions drawn uniformly at random: s / k for both (the u_i v_i^T of one SVD are
 orthonormal, so UV of two index sets is their index overlap). Where in the spectrum the
 selections sit: the selected indices as fractions of k.
+
+A second, harder baseline, because the change rate |u_i^T dW v_i| / sigma_i divides by the
+singular value and so leans towards the bottom of the spectrum whatever dW is: "chance given the
+spectrum", the overlap of the selections that two independent RANDOM rank-r updates (Gaussian
+factors) get from the same weights and the same rule. Agreement above it is agreement that the
+training signal, not the 1/sigma weighting, produced.
 """
 
 from __future__ import annotations
@@ -36,15 +42,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.reports.plots import new_figure, save_figure  # noqa: E402
-from tsd.analysis import chance_index_overlap, layer_overlaps, read_selections  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from tsd.analysis import chance_index_overlap, index_overlap, layer_overlaps, read_selections  # noqa: E402
+from tsd.directions import decompose, layer_directions  # noqa: E402
 
 S = 8
 BASE = {"t": 32, "r": 8, "seed": 1}
 AXES = {"t": [8, 16, 32, 64], "r": [2, 4, 8, 16], "seed": [1, 2, 3]}
 MODELS = {
-    "minilm": {"config": "configs/sarcasm_minilm.yaml",
+    "minilm": {"config": "configs/sarcasm_minilm.yaml", "path": ".cache/models/all-minilm-l6-v2",
                "sets": ["train.micro_batch_size=8", "train.warmup_steps=4", "data.test=[]"]},
-    "smollm2": {"config": "configs/smollm2_social_i_qa.yaml",
+    "smollm2": {"config": "configs/smollm2_social_i_qa.yaml", "path": ".cache/models/smollm2-135m-instruct",
                 "sets": ["train.micro_batch_size=4", "train.grad_accum=1", "train.warmup_steps=4",
                          "data.test=[]", "method.svd_cache=.cache/svd"]},
 }
@@ -112,15 +121,21 @@ def report(model: str, runs: Path, out: Path) -> str:
                 rows.append({"axis": axis, "a": a, "b": b, "layer": layer, "type": module_type(layer),
                              "index": o["index"], "UV": o["UV"], "chance": chance})
         summary[axis] = rows_of(rows, axis)
+    null = spectrum_null(model, list(sel[run_name(BASE)].layers))
+    for r in rows:
+        r["spectrum_null"] = null[r["layer"]]
     types = sorted({r["type"] for r in rows})
-    lines += ["| varied | pairs | " + " | ".join(types) + " | all layers | chance (s/k) |",
-              "| --- | ---: | " + " | ".join("---:" for _ in types) + " | ---: | ---: |"]
+    lines += ["| varied | pairs | " + " | ".join(types) + " | all layers | chance (s/k) | chance given the spectrum |",
+              "| --- | ---: | " + " | ".join("---:" for _ in types) + " | ---: | ---: | ---: |"]
     for axis, rs in summary.items():
         pairs = len({(r["a"], r["b"]) for r in rs})
         per_type = [statistics.fmean(r["index"] for r in rs if r["type"] == t) for t in types]
         lines.append(f"| {axis} ({', '.join(map(str, AXES[axis]))}) | {pairs} | " +
                      " | ".join(f"{v:.2f}" for v in per_type) +
-                     f" | **{statistics.fmean(r['index'] for r in rs):.2f}** | {statistics.fmean(r['chance'] for r in rs):.3f} |")
+                     f" | **{statistics.fmean(r['index'] for r in rs):.2f}** | {statistics.fmean(r['chance'] for r in rs):.3f} "
+                     f"| {statistics.fmean(r['spectrum_null'] for r in rs):.2f} |")
+    lines.append("| chance given the spectrum, per type | | " + " | ".join(
+        f"{statistics.fmean(null[l] for l in null if module_type(l) == t):.2f}" for t in types) + " | | | |")
     lines += ["", "Index overlap |I ∩ J| / s (s = 8); UV overlap equals it within 0.01 here (same spectrum). "
               "Chance: s / min(m, n).", ""]
     # where in the spectrum: fractions of k of every selected index, per module type, base point
@@ -147,6 +162,27 @@ def report(model: str, runs: Path, out: Path) -> str:
     return text
 
 
+def spectrum_null(model: str, layers: list[str], r: int = BASE["r"], draws: int = 3) -> dict[str, float]:
+    """Per layer, the mean index overlap of the selections of independent random rank-r updates
+    (A, B Gaussian) on the layer's real weight: what the 1/sigma weighting alone makes agree."""
+    import torch
+
+    folder = ROOT / MODELS[model]["path"]
+    out = {}
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for i, layer in enumerate(layers):
+            key = next(k for k in (f"{layer}.weight", f"{layer.split('.', 1)[1]}.weight") if k in keys)
+            weight = f.get_tensor(key).float()
+            dec = decompose(weight)
+            g = torch.Generator().manual_seed(1000 + i)
+            picks = [layer_directions(layer, None, torch.randn(r, weight.shape[1], generator=g),
+                                      torch.randn(weight.shape[0], r, generator=g), 1.0, S, decomposition=dec).indices
+                     for _ in range(draws)]
+            out[layer] = statistics.fmean(index_overlap(a, b) for a, b in itertools.combinations(picks, 2))
+    return out
+
+
 def rows_of(rows: list[dict], axis: str) -> list[dict]:
     return [r for r in rows if r["axis"] == axis]
 
@@ -159,8 +195,11 @@ def plot(model: str, summary: dict, types: list[str], positions: dict, path: Pat
         means = [statistics.fmean(r["index"] for r in rs if r["type"] == t) for t in types]
         xs = [i - 0.4 + width * (k + 0.5) for i in range(len(types))]
         ax1.bar(xs, means, width, label=f"across {axis}", color=f"C{k}")
-    chance = [statistics.fmean(r["chance"] for r in next(iter(summary.values())) if r["type"] == t) for t in types]
+    first = next(iter(summary.values()))
+    chance = [statistics.fmean(r["chance"] for r in first if r["type"] == t) for t in types]
+    null = [statistics.fmean(r["spectrum_null"] for r in first if r["type"] == t) for t in types]
     ax1.scatter(range(len(types)), chance, marker="_", s=400, color="k", label="chance s/k", zorder=3)
+    ax1.scatter(range(len(types)), null, marker="_", s=400, color="r", label="chance given the spectrum", zorder=3)
     ax1.set_xticks(range(len(types)), types, rotation=30, ha="right", fontsize=7)
     ax1.set_ylim(0, 1)
     ax1.set_ylabel("index overlap |I∩J|/s")
