@@ -136,7 +136,7 @@ def report(model: str, runs: Path, out: Path) -> str:
                      f"| {statistics.fmean(r['spectrum_null'] for r in rs):.2f} |")
     lines.append("| chance given the spectrum, per type | | " + " | ".join(
         f"{statistics.fmean(null[l] for l in null if module_type(l) == t):.2f}" for t in types) + " | | | |")
-    lines += ["", "Index overlap |I ∩ J| / s (s = 8); UV overlap equals it within 0.01 here (same spectrum). "
+    lines += ["", "Index overlap |I ∩ J| / s (s = 8); the UV overlap (overlaps.csv) equals it to 1e-6: one spectrum. "
               "Chance: s / min(m, n).", ""]
     # where in the spectrum: fractions of k of every selected index, per module type, base point
     base = sel[run_name(BASE)]
