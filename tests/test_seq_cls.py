@@ -230,9 +230,8 @@ def test_run_metrics_are_accuracy_and_mcc_of_its_predictions(run):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("run", ["dash"], indirect=True)  # the other switches: the same code (tests/test_zero3.py)
 def test_dash_directions_are_the_single_process_selection(run):
-    if run["method"] != "dash":
-        pytest.skip("the dash switch of method dash; the others' switches are the same code (tests/test_zero3.py)")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from tsd.directions import layer_directions
@@ -249,9 +248,8 @@ def test_dash_directions_are_the_single_process_selection(run):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("run", ["dash", "full"], indirect=True)  # an adapter and a whole model
 def test_tsd_evaluate_scores_the_adapter_as_the_run_did(run, tmp_path):
-    if run["method"] not in ("dash", "full"):
-        pytest.skip("one adapter and the full model are enough for the command")
     what = ["--model", str(run["dir"] / "model")] if run["method"] == "full" else \
         ["--adapter", str(run["dir"] / "adapter")]
     proc = subprocess.run([sys.executable, "-m", "pipeline.launch.cli", "evaluate", *what, "--data",
