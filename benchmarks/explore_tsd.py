@@ -7,8 +7,8 @@ task-specific directions whatever the pre-launch length t, the rank r and the se
 Each point is a real LoRA-Dash run of the pipeline (2 CPU ranks, torchrun) stopped one step
 after its switch at step t: its adapter holds the s = 8 directions per layer that the change
 rates of the LoRA update at step t select (`dash_indices`, `dash_U`, `dash_V`). Runs of the same
-seed share the data order and the LoRA start, so t = 8, 16, 32, 64 are four looks at ONE
-training trajectory. The grid (each row varies one thing, the others at r = 8, t = 32, seed 1):
+seed share the data order, the LoRA start and (a constant rate after 4 warm-up steps) the
+schedule, so t = 8, 16, 32, 64 are four looks at ONE training trajectory. The grid (each row varies one thing, the others at r = 8, t = 32, seed 1):
 
     t    in 8, 16, 32, 64        r    in 2, 4, 8, 16        seed in 1, 2, 3
 
@@ -89,6 +89,9 @@ def run_points(model: str, out: Path) -> int:
         sets = [f"name={name}", f"output_dir={out}", "method.method=dash", f"method.r={p['r']}",
                 f"method.alpha={2 * p['r']}", f"method.switch_step={p['t']}", f"method.num_directions={S}",
                 f"train.max_steps={p['t'] + 1}", f"train.seed={p['seed']}", "train.checkpoint_every=1000",
+                # constant after warm-up: runs of one seed then share their first t steps exactly
+                # (a decay over max_steps would give each t its own trajectory)
+                "train.schedule=constant",
                 f"tracking.experiment=tsd-exploration-{model}", *spec["sets"]]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "pipeline.launch.worker", str(ROOT / spec["config"]), *[a for s in sets for a in ("--set", s)]]
