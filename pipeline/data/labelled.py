@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.tasks import DataError, write_records
+from pipeline.data.tasks import DataError, read_data_text, write_records
 
 LABEL_KINDS = "an integer class id (>= 0) or a class name (a non-empty string)"
 _CSV_INT = re.compile(r"[+-]?[0-9]+")
@@ -80,18 +80,7 @@ def _check_one_label_kind(p: Path, rows: list[dict], wheres: list[str]) -> None:
 
 # ----------------------------------------------------------------------------- layouts
 def _read_text(p: Path) -> str:
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: data file not found")
-    if p.is_dir():
-        raise DataError(f"{p}: is a folder, expected a .csv, .json or .jsonl file")
-    raw = p.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{p}: file is empty")
-    try:
-        return raw.decode("utf-8-sig")  # -sig: spreadsheet programs start CSV files with a BOM
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not valid UTF-8 (bad byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                        "save the file as UTF-8") from None
+    return read_data_text(p, "a .csv, .json or .jsonl file")
 
 
 def _csv_label(cell: str) -> int | str:

@@ -190,6 +190,23 @@ def _check_row(row: Any, where: str, require_answer: bool) -> dict:
     return out
 
 
+def read_data_text(p: Path, expected: str) -> str:
+    """A data file's text, or the error a user can act on: missing, a folder (`expected` says what
+    was wanted), empty, not UTF-8. A leading BOM is dropped (spreadsheet programs write one)."""
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: data file not found")
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, expected {expected}")
+    raw = p.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{p}: file is empty")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not valid UTF-8 (bad byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        "save the file as UTF-8") from None
+
+
 def load_records(path: str | Path, require_answer: bool = True) -> list[dict]:
     """Read an LLM-Adapters file (a JSON list, or JSONL: one object a line) and check every row.
 
@@ -198,17 +215,7 @@ def load_records(path: str | Path, require_answer: bool = True) -> list[dict]:
     the row (0-based index in the list; for JSONL also the line) and the field at fault.
     """
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: data file not found")
-    if p.is_dir():
-        raise DataError(f"{p}: is a folder, expected a .json or .jsonl file")
-    raw = p.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{p}: file is empty")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{p}: not valid UTF-8 (bad byte 0x{raw[e.start]:02x} at offset {e.start}); save the file as UTF-8") from None
+    text = read_data_text(p, "a .json or .jsonl file")
 
     records: list[dict] = []
     if text.lstrip().startswith("["):
