@@ -125,6 +125,28 @@ def test_errors(store, capsys, tmp_path):
     assert cli.main(["compare", "empty", "--tracking-uri", store]) == 2
 
 
+def test_mcc_table_from_classification_runs(tmp_path, capsys):
+    """--metric mcc tabulates mcc_<task> (x 100, negatives kept) and pairs it with LoRA; a store
+    whose runs logged no MCC is an error naming the metric."""
+    uri = default_tracking_uri(tmp_path / "mlflow")
+    for seed, (acc_lora, mcc_lora, mcc_dash) in zip((1, 2), [(0.89, 0.78, 0.80), (0.90, -0.10, 0.05)]):
+        _run(uri, "lora", 8, seed, {"acc_sarcasm": acc_lora, "acc_avg": acc_lora, "mcc_sarcasm": mcc_lora})
+        _run(uri, "dash", 8, seed, {"acc_sarcasm": 0.5, "acc_avg": 0.5, "mcc_sarcasm": mcc_dash})
+    out = compare_experiment(uri, EXP, digits=2, metric="mcc", out_dir=tmp_path / "cmp")
+    rows = {r.method: r for r in out["table"].rows}
+    assert sorted(rows["lora"].cells["sarcasm"].values) == pytest.approx([-10.0, 78.0])
+    assert rows["dash"].cells["avg"].mean == pytest.approx(42.5)  # no mcc_avg: the mean of the tasks
+    # paired: dash - lora per seed = +2 and +15 MCC points
+    assert "| LoRA-Dash | 8 | 8.50 ± 9.19 |" in out["paired"] and "s1: +2.00, s2: +15.00" in out["paired"]
+    assert "Matthews correlation" in out["paired"]
+    assert cli.main(["compare", EXP, "--tracking-uri", uri, "--metric", "mcc"]) == 0
+    assert "LoRA-Dash" in capsys.readouterr().out
+    acc_only = default_tracking_uri(tmp_path / "acc-only")
+    _run(acc_only, "lora", 8, 1, {"acc_boolq": 0.6})
+    assert cli.main(["compare", EXP, "--tracking-uri", acc_only, "--metric", "mcc"]) == 2
+    assert "logged mcc_<task> metrics" in capsys.readouterr().err
+
+
 def test_run_result_skips_foreign_runs():
     class Obj:
         def __init__(self, **kw):

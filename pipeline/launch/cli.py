@@ -153,7 +153,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     try:
         out = compare_experiment(uri, args.experiment, out_dir=args.out, digits=args.digits,
-                                 log_run=args.log_run, log_to=args.log_to, loss_window=args.loss_window)  # fmt: skip
+                                 log_run=args.log_run, log_to=args.log_to, loss_window=args.loss_window,
+                                 metric=args.metric)  # fmt: skip
     except CompareError as e:
         return _fail(str(e))
     print(out["text"])
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or runs/mlflow.db)")
     c.add_argument("--out", default=None, help="write comparison.md/.csv/.png here")
     c.add_argument("--digits", type=_NON_NEGATIVE, default=1, help="decimals of the printed accuracies")
+    c.add_argument("--metric", default="acc", choices=["acc", "mcc"],
+                   help="what to tabulate: accuracy, or Matthews correlation x 100 (classification runs)")
     c.add_argument("--log-run", action="store_true", help="log the outputs to a new run named 'comparison'")
     c.add_argument("--log-to", default=None, metavar="RUN_ID", help="log the outputs to this existing run")
     c.add_argument("--loss-window", type=_NON_NEGATIVE, default=0, metavar="N",

@@ -13,6 +13,8 @@ Where the numbers come from (what the pipeline logs):
   metrics `acc_<task>` and `acc_avg`, fractions in [0, 1] (pipeline/evaluate.py). A run whose
           accuracies exceed 1 is taken to have logged percentages. The table prints percent.
           A run without `acc_avg` gets the mean of its task accuracies.
+          With metric="mcc" the same from `mcc_<task>` (Matthews correlation, which
+          classification runs log: pipeline/classify.py), printed x 100 as GLUE tables print it.
 
 Outputs: the table and the paired differences on stdout; with an output folder, comparison.md, comparison.csv and
 comparison.png (grouped bars with std error bars); optionally all three logged to a new
@@ -46,6 +48,8 @@ TASK_LABELS = {
 }  # fmt: skip
 ACC_PREFIX = "acc_"
 AVG = "acc_avg"
+# What can be tabulated: metric -> (its name in text, the plot's axis label).
+METRICS = {"acc": ("accuracy", "accuracy (%)"), "mcc": ("Matthews correlation", "MCC x 100")}
 COMPARISON_TAG = "tsd.kind"
 COMPARISON_VALUE = "comparison"
 
@@ -115,6 +119,7 @@ class Table:
     experiment: str
     tasks: list[str]
     rows: list[Row] = field(default_factory=list)
+    metric: str = "acc"
 
 
 # ----------------------------------------------------------------------------- reading runs
@@ -131,19 +136,21 @@ def _int(value) -> int | None:
     return int(v) if v is not None and v == int(v) else None
 
 
-def run_result(run) -> RunResult | None:
-    """A `RunResult` from an MLflow Run, or None when it is not a training run of this project."""
+def run_result(run, metric: str = "acc") -> RunResult | None:
+    """A `RunResult` from an MLflow Run, or None when it is not a training run of this project.
+    Its `acc`/`avg` hold `metric` (see METRICS), x 100."""
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     if tags.get(COMPARISON_TAG) == COMPARISON_VALUE:
         return None
     method = params.get("method.method")
     if not method:
         return None
-    acc = {k[len(ACC_PREFIX) :]: v for k, v in metrics.items() if k.startswith(ACC_PREFIX) and k != AVG}
+    prefix, avg_key = f"{metric}_", f"{metric}_avg"
+    acc = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix) and k != avg_key}
     acc = {k: v for k, v in acc.items() if _float(v) is not None}
-    avg = _float(metrics.get(AVG))
+    avg = _float(metrics.get(avg_key))
     values = list(acc.values()) + ([avg] if avg is not None else [])
-    percent = any(v > 1.0 for v in values)  # logged as percentages already
+    percent = any(abs(v) > 1.0 for v in values)  # logged as percentages already
     scale = 1.0 if percent else 100.0
     acc = {k: v * scale for k, v in acc.items()}
     if avg is not None:
@@ -163,8 +170,11 @@ def run_result(run) -> RunResult | None:
     )
 
 
-def fetch_runs(tracking_uri: str, experiment: str, statuses: Sequence[str] = ("FINISHED",)) -> list[RunResult]:
-    """The experiment's runs with the given statuses, as `RunResult`s (others skipped)."""
+def fetch_runs(tracking_uri: str, experiment: str, statuses: Sequence[str] = ("FINISHED",),
+               metric: str = "acc") -> list[RunResult]:
+    """The experiment's runs with the given statuses, as `RunResult`s of `metric` (others skipped)."""
+    if metric not in METRICS:
+        raise CompareError(f"unknown metric {metric!r}; one of: {', '.join(METRICS)}")
     db = sqlite_path(tracking_uri)
     if db is not None and not db.is_file():  # do not create an empty store just to find nothing
         raise CompareError(f"no MLflow store at {db}; pass --tracking-uri (the `tracking.uri` of the runs)")
@@ -183,7 +193,7 @@ def fetch_runs(tracking_uri: str, experiment: str, statuses: Sequence[str] = ("F
         page = mlflow_client.search_runs([exp.experiment_id], filter_string=status_filter, max_results=1000, page_token=token)
         for run in page:
             if run.info.status in statuses:
-                res = run_result(run)
+                res = run_result(run, metric)
                 if res is not None:
                     out.append(res)
         token = page.token
@@ -204,7 +214,7 @@ def _row_key(row: Row):
     return (m, row.method, row.r if row.r is not None else -1)
 
 
-def build_table(runs: Sequence[RunResult], experiment: str = "") -> Table:
+def build_table(runs: Sequence[RunResult], experiment: str = "", metric: str = "acc") -> Table:
     """Group runs by (method, r) and pool them: one `Row` per group, in method then rank order."""
     tasks = order_tasks(t for run in runs for t in run.acc)
     groups: dict[tuple[str, int | None], list[RunResult]] = {}
@@ -217,7 +227,7 @@ def build_table(runs: Sequence[RunResult], experiment: str = "") -> Table:
         trainable = Cell([m.trainable_percent for m in members if m.trainable_percent is not None])
         rows.append(Row(method=method, r=r, runs=members, cells=cells, trainable=trainable))
     rows.sort(key=_row_key)
-    return Table(experiment=experiment, tasks=tasks, rows=rows)
+    return Table(experiment=experiment, tasks=tasks, rows=rows, metric=metric)
 
 
 def format_cell(cell: Cell, digits: int = 1) -> str:
@@ -303,7 +313,7 @@ def plot_table(table: Table, path: str | os.PathLike, title: str | None = None) 
         name = f"{method_label(row.method)} r={row.r}" + (f" (n={row.n})" if row.n > 1 else "")
         ax.bar(xs, means, width, yerr=errs, capsize=2, label=name, color=f"C{k % 10}")  # the tab10 cycle
     ax.set_xticks(range(len(cols)), labels, fontsize=8)
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(METRICS[table.metric][1])
     ax.grid(True, axis="y", alpha=0.3)
     if not table.rows:
         ax.text(0.5, 0.5, "no runs", transform=ax.transAxes, ha="center", va="center")
@@ -389,7 +399,7 @@ def training_loss_tail(tracking_uri: str, runs: Sequence[RunResult], window: int
     return out
 
 
-def format_paired_markdown(pairs: Sequence[Paired], digits: int = 1, what: str = "Avg. − LoRA (pp)") -> str:
+def format_paired_markdown(pairs: Sequence[Paired], digits: int = 1, what: str = "Avg. − LoRA") -> str:
     out = [f"| Method | r | {what} | 95% CI | sign-flip p | per seed | better / worse | n |",
            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for p in pairs:
@@ -407,7 +417,8 @@ def paired_sections(table: Table, digits: int = 1, loss_tail: dict[str, float] |
     text = ""
     pairs = paired_with_lora(table)
     if pairs:
-        text += ("\n## Paired with LoRA (same rank, same seed)\n\nDifference of the average accuracy, "
+        text += (f"\n## Paired with LoRA (same rank, same seed)\n\nDifference of the average {METRICS[table.metric][0]} "
+                 f"(x 100: {'percentage points' if table.metric == 'acc' else 'MCC points'}), "
                  "mean ± sample std over seeds, the 95% t-interval of the mean and the exact sign-flip p-value "
                  "(pipeline/reports/stats.py).\n\n" + format_paired_markdown(pairs, digits) + "\n")
     if loss_tail:
@@ -456,16 +467,20 @@ def compare_experiment(
     log_to: str | None = None,
     statuses: Sequence[str] = ("FINISHED",),
     loss_window: int = 0,
+    metric: str = "acc",
 ) -> dict:
     """Read, tabulate, write and (optionally) log; returns {"table", "text", "paired" (Markdown
     of the comparisons paired with LoRA; the training loss too when loss_window > 0), "files",
     "run_id"}."""
-    runs = fetch_runs(tracking_uri, experiment, statuses)
+    runs = fetch_runs(tracking_uri, experiment, statuses, metric)
     if not runs:
         raise CompareError(
             f"experiment {experiment!r} has no {'/'.join(statuses)} runs with a method.method param to compare"
         )
-    table = build_table(runs, experiment)
+    if not any(run.acc or run.avg is not None for run in runs):
+        raise CompareError(f"no run of experiment {experiment!r} logged {metric}_<task> metrics"
+                           + (" (classification runs, model.task: seq_cls, log them)" if metric == "mcc" else ""))
+    table = build_table(runs, experiment, metric)
     text = format_text(table, digits)
     tail = training_loss_tail(tracking_uri, runs, loss_window) if loss_window > 0 else None
     paired = paired_sections(table, digits, tail, loss_window)
