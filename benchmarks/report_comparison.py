@@ -11,6 +11,7 @@ Writes to --out:
                        component u_i^T dW v_i| and of ||dash term|| / ||LoRA's dW|| (Frobenius)
   paired.png           the paired accuracy differences: one dot per seed, mean and 95% interval
   comparison.*         `tsd compare` of the MLflow experiment (the paper-style table)
+  mcc/comparison.*     the same of Matthews correlation x 100 (`tsd compare --metric mcc`)
 Partial sweeps report what is there (pairs need both runs of a seed).
 """
 
@@ -164,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "paired.md").write_text("\n".join(text) + "\n")
     if acc:
         plot_paired(acc, args.out / "paired.png")
-    compare_experiment(args.tracking_uri or f"sqlite:///{args.runs.resolve() / 'mlflow.db'}", args.experiment,
-                       out_dir=args.out, digits=2)
+    uri = args.tracking_uri or f"sqlite:///{args.runs.resolve() / 'mlflow.db'}"
+    compare_experiment(uri, args.experiment, out_dir=args.out, digits=2)
+    compare_experiment(uri, args.experiment, out_dir=args.out / "mcc", digits=2, metric="mcc")
     print("\n".join(text))
     return 0
 

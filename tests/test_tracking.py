@@ -393,6 +393,52 @@ def test_registered_adapter_is_a_loadable_model_version(tmp_path, monkeypatch):
     assert isinstance(text, str)
 
 
+def test_a_registered_classifier_names_the_class_the_trained_model_picks(tmp_path, monkeypatch):
+    """A seq_cls adapter (PEFT SEQ_CLS, head in modules_to_save) registers as a model whose
+    predict() gives the class name of the trained model's argmax: names from the sidecar, and
+    ids "0".."k-1" for a stock PEFT adapter without one."""
+    import mlflow.pyfunc
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import tsd
+    from conftest import randomize_lora
+    from pipeline.data.synthetic import make_encoder_dir
+
+    words = "good bad fine awful great poor nice dull".split()
+    encoder = make_encoder_dir(tmp_path / "encoder", texts=[" ".join(words)])
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(str(encoder), num_labels=3)
+    config = tsd.TSDConfig(method="lora", r=4, alpha=8.0, dropout=0.0, targets=["query", "value"],
+                           modules_to_save=["classifier"])
+    tsd.inject(model, config)
+    randomize_lora(model, seed=1)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 2.0, generator=torch.Generator().manual_seed(2))
+    names = ["negative", "neutral", "positive"]
+    adapter = tsd.save_adapter(model, tmp_path / "adapter", config, base_model_name_or_path=str(encoder),
+                               task_type="SEQ_CLS", extra_metadata={"labels": json.dumps(names)})
+    stock = tmp_path / "stock"
+    shutil.copytree(adapter, stock)
+    (stock / "tsd_state.safetensors").unlink()  # what stock PEFT alone writes
+    texts = ["good great nice", "awful poor dull", "fine bad", "dull nice good bad", "great"]
+    tokenizer = AutoTokenizer.from_pretrained(str(encoder))
+    with torch.no_grad():
+        expected = [int(model.eval()(**tokenizer(t, return_tensors="pt")).logits[0].argmax()) for t in texts]
+    assert len(set(expected)) > 1  # the check can tell classes apart
+
+    uri = default_tracking_uri(tmp_path / "store")
+    run_id = start_run(uri, "registry", "classifier")
+    with RunLogger(uri, run_id) as logger:
+        logger.log_artifacts(adapter, "adapter")
+        logger.log_artifacts(stock, "stock")
+    assert register_adapter(uri, run_id, "adapter", "tiny-classifier") == "1"
+    assert register_adapter(uri, run_id, "stock", "tiny-classifier") == "2"
+    end_run(uri, run_id)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert mlflow.pyfunc.load_model("models:/tiny-classifier/1").predict(texts) == [names[i] for i in expected]
+    assert mlflow.pyfunc.load_model("models:/tiny-classifier/2").predict(texts) == [str(i) for i in expected]
+
+
 def test_registering_needs_a_database_store_and_a_logged_adapter(tmp_path):
     with pytest.raises(RegistryUnavailableError, match=r"tracking\.register_as needs a database-backed MLflow store"):
         register_adapter(f"file://alice:pw@{tmp_path}/mlruns", "0" * 32, "adapter", "x")
