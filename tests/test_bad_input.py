@@ -107,6 +107,11 @@ def test_register_as_on_a_file_store(tmp_path, base, capsys):
     _assert_clear_error(rc, err, "tracking.register_as needs a database-backed MLflow store", "file store")
 
 
+def test_register_as_with_full_fine_tuning(tmp_path, base, capsys):
+    rc, err = _train(tmp_path, base, capsys, "tracking.register_as=my-adapter", "method.method=full")
+    _assert_clear_error(rc, err, "tracking.register_as registers a PEFT adapter", "method: full")
+
+
 def test_num_directions_larger_than_a_layer(tmp_path, base, capsys):
     rc, err = _train(tmp_path, base, capsys, "method.num_directions=40")
     _assert_clear_error(rc, err, "method.num_directions:", "q_proj", "s=40 exceeds min(out, in)=32")

@@ -154,6 +154,9 @@ def _check_registry(cfg: RunConfig, uri: str | None) -> None:
     if cfg.tracking.offline:
         raise ConfigError("tracking.register_as: a run with tracking.offline: true logs no adapter to register; "
                           "drop one of the two")
+    if cfg.method.method == "full":
+        raise ConfigError("tracking.register_as registers a PEFT adapter, and method: full exports the whole model "
+                          "(the run's model/ folder and MLflow artifact) instead; drop tracking.register_as")
     problem = model_registry_problem(uri) if uri else None
     if problem:
         raise ConfigError(problem)
