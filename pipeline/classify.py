@@ -8,7 +8,8 @@ sarcasm headlines are 44/56) it says what accuracy hides. The macro average of a
 
 Sharded like generation (pipeline.evaluate): rank k scores rows k::world and the rows are
 gathered on every rank. Under ZeRO-3 every forward is a collective, so every rank makes the
-same number of forward calls; a rank out of rows repeats its last batch and drops the result.
+same number of forward calls; a rank out of rows makes padding calls and drops their results
+(`rank_batches` and `gather_rows`, shared with generation).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline.data.loader import collate_labelled, tokenize_labelled
+from pipeline.evaluate import gather_rows, rank_batches
 from pipeline.logs import log
 from pipeline.training.distributed import rank_and_world
 from tsd.partition import is_partitioned
@@ -99,7 +100,7 @@ def evaluate_classification(model, tokenizer, tasks: Mapping[str, Sequence[Mappi
                                 synced, show=progress and rank == 0)
     finally:
         model.train(was_training)
-    predictions = _gather(local, world)
+    predictions = gather_rows(local)
     result = summarize(predictions)
     result["predictions"] = predictions
     result["settings"] = {"batch_size": batch_size, "cutoff_len": cutoff_len, "limit": limit, "world_size": world,
@@ -113,14 +114,9 @@ def evaluate_classification(model, tokenizer, tasks: Mapping[str, Sequence[Mappi
 
 def _rows(model, tokenizer, task, records, labels, names, batch_size, cutoff_len, device, synced, show) -> list[dict]:
     """This rank's scored rows of one set: rows rank::world in batches (equal counts under ZeRO-3)."""
-    rank, world = rank_and_world()
-    mine = list(range(rank, len(records), world))
-    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    if synced:
-        most = math.ceil(math.ceil(len(records) / world) / batch_size)
-        batches += [None] * (most - len(batches))
+    batches = rank_batches(len(records), batch_size, synced)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    bar = tqdm(total=len(mine), desc=f"eval {task}", unit="row", file=sys.stderr, mininterval=2.0, disable=not show)
+    bar = tqdm(total=sum(len(b) for b in batches if b is not None), desc=f"eval {task}", unit="row", file=sys.stderr, mininterval=2.0, disable=not show)
     rows = []
     for batch in batches:
         idx = batch if batch is not None else [0]
@@ -136,13 +132,3 @@ def _rows(model, tokenizer, task, records, labels, names, batch_size, cutoff_len
         bar.update(len(idx))
     bar.close()
     return rows
-
-
-def _gather(local: dict[str, list[dict]], world: int) -> dict[str, list[dict]]:
-    """Every rank's rows, merged per set in file order (on every rank)."""
-    parts: list = [None] * world
-    if world > 1:
-        dist.all_gather_object(parts, local)
-    else:
-        parts = [local]
-    return {task: sorted((row for part in parts for row in part[task]), key=lambda r: r["index"]) for task in local}

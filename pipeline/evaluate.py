@@ -227,7 +227,8 @@ def evaluate_tasks(
     finally:
         model.train(was_training)
 
-    predictions = _gather(local, world)
+    predictions = {task: [{k: row[k] for k in PREDICTION_FIELDS} for row in rows]
+                   for task, rows in gather_rows(local).items()}
     result = summarize(predictions)
     result["predictions"] = predictions
     result["settings"] = {
@@ -245,13 +246,8 @@ def _task_rows(model, tokenizer, task: str, records: Sequence[Mapping[str, Any]]
                use_input: bool, synced: bool, show: bool) -> list[dict]:
     """This rank's scored rows of one task: rows rank::world, in batches; under ZeRO-3 every
     rank makes the same number of generate calls (padding calls are generated and dropped)."""
-    rank, world = rank_and_world()
-    mine = list(range(rank, len(records), world))
-    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    if synced:  # equal call counts on every rank: pad with dummy calls
-        most = math.ceil(math.ceil(len(records) / world) / batch_size)
-        batches += [None] * (most - len(batches))
-    bar = tqdm(total=len(mine), desc=f"eval {task}", unit="row", file=sys.stderr, dynamic_ncols=True,
+    batches = rank_batches(len(records), batch_size, synced)
+    bar = tqdm(total=sum(len(b) for b in batches if b is not None), desc=f"eval {task}", unit="row", file=sys.stderr, dynamic_ncols=True,
                mininterval=2.0, disable=not show)
     rows = []
     for batch in batches:
@@ -270,19 +266,28 @@ def _task_rows(model, tokenizer, task: str, records: Sequence[Mapping[str, Any]]
     return rows
 
 
-def _gather(local: dict[str, list[dict]], world: int) -> dict[str, list[dict]]:
-    """Every rank's rows, merged per task in file order (on every rank)."""
+def rank_batches(n_rows: int, batch_size: int, synced: bool) -> list[list[int] | None]:
+    """This rank's share of rows 0..n_rows-1 (rows rank::world), in batches of row indices. With
+    `synced` (ZeRO-3: every forward gathers weights, a collective) the ranks with fewer batches
+    get `None` entries, a padding call each, so every rank makes the same number of calls."""
+    rank, world = rank_and_world()
+    mine = list(range(rank, n_rows, world))
+    batches: list[list[int] | None] = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if synced:
+        most = math.ceil(math.ceil(n_rows / world) / batch_size)
+        batches += [None] * (most - len(batches))
+    return batches
+
+
+def gather_rows(local: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Every rank's scored rows (each with its "index"), merged per set in file order, on every rank."""
+    _, world = rank_and_world()
+    parts: list = [None] * world
     if world > 1:
-        parts: list = [None] * world
         dist.all_gather_object(parts, local)
     else:
         parts = [local]
-    merged: dict[str, list[dict]] = {}
-    for task in local:
-        rows = [row for part in parts for row in part[task]]
-        rows.sort(key=lambda r: r["index"])
-        merged[task] = [{k: row[k] for k in PREDICTION_FIELDS} for row in rows]
-    return merged
+    return {task: sorted((row for part in parts for row in part[task]), key=lambda r: r["index"]) for task in local}
 
 
 
