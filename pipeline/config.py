@@ -161,6 +161,10 @@ class MethodConfig:
 @dataclass(config=_SECTION_RULES, frozen=True)
 class TrainConfig:
     lr: PositiveNumber = 2e-4
+    # The dash scalars' learning rate as a multiple of lr (methods dash and tsd); the schedule
+    # applies to both. 1: the reference code's single rate, at which the zero-started scalars
+    # stay small (docs/RESULTS.md, part 1).
+    dash_lr_scale: PositiveNumber = 1.0
     weight_decay: NonNegativeNumber = 0.0
     warmup_steps: Annotated[Integer, _must_be(">= 0", lambda v: v >= 0)] = 100
     schedule: Literal["linear", "cosine", "constant"] = "linear"  # after warmup; restarts for LoRA-Init
@@ -277,6 +281,9 @@ class RunConfig:
         if self.method.modules_to_save is None:  # the default depends on the task: settled once, here
             saved = list(HEAD_MODULES) if self.model.task == "seq_cls" else []
             object.__setattr__(self, "method", dataclasses.replace(self.method, modules_to_save=saved))
+        if self.train.dash_lr_scale != 1.0 and self.method.method not in ("dash", "tsd"):
+            raise ConfigError(f"train.dash_lr_scale: only for methods dash and tsd (it sets the dash scalars' "
+                              f"rate); method is {self.method.method!r}")
         if self.model.num_labels is not None and self.model.task != "seq_cls":
             raise ConfigError("model.num_labels: only for model.task seq_cls (a classification head)")
         try:

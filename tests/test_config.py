@@ -65,6 +65,9 @@ def test_values_and_defaults():
         (_with(train={"checkpoint_every": 0}), "train.checkpoint_every: must be > 0 or left out, got 0"),
         (_with(train={"eval_limit": -1}), "train.eval_limit: must be > 0 or left out, got -1"),
         (_with(train={"eval_num_beams": 0}), "train.eval_num_beams: must be > 0, got 0"),
+        (_with(train={"dash_lr_scale": 0}), "train.dash_lr_scale: must be > 0, got 0"),
+        (_with(method={"method": "lora"}, train={"dash_lr_scale": 10}),
+         "train.dash_lr_scale: only for methods dash and tsd (it sets the dash scalars' rate); method is 'lora'"),
         (_with(data={"limit": 0}), "data.limit: must be > 0 or left out, got 0"),
         (_with(workers={"threads_per_worker": -2}), "workers.threads_per_worker: must be > 0 or left out"),
         # names and tracking URIs (no file system or network needed); passwords never echoed
@@ -99,7 +102,7 @@ def test_every_problem_is_one_line_naming_the_file_and_key():
         "x.yaml: method.targets[1]: expected a string, got 7",
         "x.yaml: train.lr: expected a number, got 'fast'",
         "x.yaml: train.seed: must be in [0, 4294967295], got -1",
-        "x.yaml: train.warmup: unknown key; known keys here: checkpoint_every, epochs, eval_batch_size, eval_limit, "
+        "x.yaml: train.warmup: unknown key; known keys here: checkpoint_every, dash_lr_scale, epochs, eval_batch_size, eval_limit, "
         "eval_max_new_tokens, eval_model, eval_num_beams, grad_accum, grad_clip, "
         "keep_checkpoints, log_every, lr, max_steps, "
             "micro_batch_size, "

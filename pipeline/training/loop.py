@@ -219,8 +219,7 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     total_steps = optimizer_steps(cfg, len(dataset), world)
     loader = train_loader(dataset, rank, world, cfg.train.seed, cfg.train.micro_batch_size, tokenizer.pad_token_id)
     sched_state = {"phase_start": 0}
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.train), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(cfg, total_steps, sched_state))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
@@ -437,6 +436,18 @@ def finish(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, result: Trai
     if ctx.report is not None:
         ctx.report({**result.metrics, "step": result.steps, "done": 1})
     return result
+
+
+def param_groups(model, train) -> list[dict]:
+    """The trainable parameters as AdamW's groups: one at train.lr, and with train.dash_lr_scale
+    != 1 a second of the dash scalars at lr x scale (LambdaLR schedules each group from its own
+    base rate). Group 0 is the main one: its rate is the logged `lr`."""
+    scalars = {id(p) for n, p in model.named_parameters() if p.requires_grad and n.endswith(".dash_scalars")}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train.dash_lr_scale == 1.0 or not scalars:
+        return [{"params": params}]
+    return [{"params": [p for p in params if id(p) not in scalars]},
+            {"params": [p for p in params if id(p) in scalars], "lr": train.lr * train.dash_lr_scale}]
 
 
 def register(tracker, name: str) -> None:

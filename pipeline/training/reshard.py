@@ -206,8 +206,11 @@ def load_resharded(engine, tag_dir: Path, saved: Layout, bf16: bool) -> dict:
         safe_set_local_optimizer_state(param, _my_slice(param, full["exp_avg_sq"][name]), "exp_avg_sq")
         param.ds_tensor.data.copy_(mine.view_as(param.ds_tensor).to(param.ds_tensor.dtype))  # the module's copy
 
-    saved_group = saved_state["param_groups"][0]
-    for group in inner.param_groups:
+    saved_groups = saved_state["param_groups"]  # one per optimizer group (train.dash_lr_scale makes two)
+    if len(saved_groups) != len(inner.param_groups):
+        raise ValueError(f"checkpoint {tag_dir}: {len(saved_groups)} optimizer parameter group(s), this run has "
+                         f"{len(inner.param_groups)} (was train.dash_lr_scale changed?)")
+    for group, saved_group in zip(inner.param_groups, saved_groups):
         group.update({k: v for k, v in saved_group.items() if k != "params"})
     for attr in ("loss_scaler", "dynamic_loss_scale", "overflow"):
         if attr in optim0:
