@@ -16,9 +16,9 @@ from pipeline.tracking.store import default_tracking_uri, end_run, start_run, su
 EXP = "sweep"
 
 
-def _run(uri, method, r, seed, metrics, trainable="0.5123", status="FINISHED", experiment=EXP):
+def _run(uri, method, r, seed, metrics, trainable="0.5123", status="FINISHED", experiment=EXP, **train):
     run_id = start_run(uri, experiment, f"{method}-r{r}-s{seed}",
-                       params={"method": {"method": method, "r": r}, "train": {"seed": seed}})  # fmt: skip
+                       params={"method": {"method": method, "r": r}, "train": {"seed": seed, **train}})  # fmt: skip
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -145,6 +145,21 @@ def test_mcc_table_from_classification_runs(tmp_path, capsys):
     _run(acc_only, "lora", 8, 1, {"acc_boolq": 0.6})
     assert cli.main(["compare", EXP, "--tracking-uri", acc_only, "--metric", "mcc"]) == 2
     assert "logged mcc_<task> metrics" in capsys.readouterr().err
+
+
+def test_a_dash_lr_scale_is_its_own_row(tmp_path):
+    """Runs of one method at another train.dash_lr_scale are not pooled with it (same seeds,
+    another setting): their own row, labelled, paired with LoRA like any other."""
+    uri = default_tracking_uri(tmp_path / "mlflow")
+    for seed in (1, 2):
+        _run(uri, "lora", 8, seed, {"acc_avg": 0.80})
+        _run(uri, "dash", 8, seed, {"acc_avg": 0.81}, dash_lr_scale=1.0)
+        _run(uri, "dash", 8, seed, {"acc_avg": 0.83}, dash_lr_scale=10.0)
+    out = compare_experiment(uri, EXP, digits=2)
+    assert [(r.method, r.n) for r in out["table"].rows] == [("lora", 2), ("dash", 2), ("dash@10", 2)]
+    assert "LoRA-Dash (dash lr x10)  8" in out["text"]
+    assert "| LoRA-Dash (dash lr x10) | 8 | 3.00 ± 0.00 |" in out["paired"]
+    assert "| LoRA-Dash | 8 | 1.00 ± 0.00 |" in out["paired"]
 
 
 def test_run_result_skips_foreign_runs():

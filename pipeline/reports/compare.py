@@ -58,8 +58,15 @@ class CompareError(ValueError):
     """The experiment cannot be compared (missing, or no usable runs)."""
 
 
+# A dash/tsd run with train.dash_lr_scale != 1 is its own row, "<method>@<scale>": pooling it
+# with the method's runs at the reference rate would mix two settings under one seed.
+VARIANT_SEP = "@"
+
+
 def method_label(method: str) -> str:
-    return METHOD_NAMES.get(method, method)
+    base, _, scale = method.partition(VARIANT_SEP)
+    label = METHOD_NAMES.get(base, base)
+    return f"{label} (dash lr x{scale})" if scale else label
 
 
 def task_label(task: str) -> str:
@@ -161,13 +168,19 @@ def run_result(run, metric: str = "acc") -> RunResult | None:
     return RunResult(
         run_id=run.info.run_id,
         run_name=run.info.run_name or "",
-        method=method,
+        method=_with_variant(method, _float(params.get("train.dash_lr_scale"))),
         r=None if method == "full" else _int(params.get("method.r")),  # full fine-tuning has no rank
         seed=params.get("train.seed"),
         trainable_percent=tp,
         acc=acc,
         avg=avg,
     )
+
+
+def _with_variant(method: str, dash_lr_scale: float | None) -> str:
+    if method in ("dash", "tsd") and dash_lr_scale is not None and dash_lr_scale != 1.0:
+        return f"{method}{VARIANT_SEP}{dash_lr_scale:g}"
+    return method
 
 
 def fetch_runs(tracking_uri: str, experiment: str, statuses: Sequence[str] = ("FINISHED",),
@@ -210,7 +223,8 @@ def order_tasks(tasks: Iterable[str]) -> list[str]:
 
 
 def _row_key(row: Row):
-    m = METHOD_ORDER.index(row.method) if row.method in METHOD_ORDER else len(METHOD_ORDER)
+    base = row.method.partition(VARIANT_SEP)[0]
+    m = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
     return (m, row.method, row.r if row.r is not None else -1)
 
 
