@@ -35,7 +35,8 @@ from pipeline.reports.compare import METHOD_NAMES, compare_experiment  # noqa: E
 from pipeline.reports.plots import new_figure, save_figure  # noqa: E402
 from pipeline.reports.stats import mean_ci95, sign_flip_p  # noqa: E402
 
-METHODS = ["lora", "dash", "init", "tsd", "full"]
+METHODS = ["lora", "dash", "init", "tsd", "full", "dash10"]
+LABELS = {**METHOD_NAMES, "dash10": "LoRA-Dash, dash lr x10"}  # the follow-up arm (benchmarks/sweep_methods.py ARMS)
 
 
 def read_runs(runs: Path, task: str) -> list[dict]:
@@ -93,7 +94,7 @@ def paired_markdown(pairs: dict[str, dict], unit: str, digits: int) -> str:
         ci = f"[{p['ci'][0]:+.{digits}f}, {p['ci'][1]:+.{digits}f}]" if p["ci"] else "—"
         pv = f"{p['p']:.3f}" if p["p"] is not None else "—"
         seeds = ", ".join(f"s{s}: {d:+.{digits}f}" for s, d in zip(p["seeds"], p["diffs"]))
-        lines.append(f"| {METHOD_NAMES[method]} | {p['mean']:+.{digits}f} | {ci} | {pv} | {seeds} | {len(p['diffs'])} |")
+        lines.append(f"| {LABELS[method]} | {p['mean']:+.{digits}f} | {ci} | {pv} | {seeds} | {len(p['diffs'])} |")
     return "\n".join(lines)
 
 
@@ -106,7 +107,7 @@ def plot_paired(pairs: dict[str, dict], path: Path) -> Path:
             ax.errorbar([i + 0.12], [p["mean"]], yerr=[[p["mean"] - p["ci"][0]], [p["ci"][1] - p["mean"]]], fmt="o",
                         color=f"C{i}", capsize=4, zorder=3)
     ax.axhline(0.0, color="k", lw=0.8)
-    ax.set_xticks(range(len(pairs)), [METHOD_NAMES[m] for m in pairs])
+    ax.set_xticks(range(len(pairs)), [LABELS[m] for m in pairs])
     ax.set_ylabel("test accuracy − LoRA, same seed (pp)")
     ax.set_title("paired with LoRA: seeds (grey), mean and 95% t-interval", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
@@ -144,24 +145,27 @@ def main(argv: list[str] | None = None) -> int:
         if rs:
             a, m = [r["acc"] for r in rs], [r["mcc"] for r in rs]
             sd = (lambda v: statistics.stdev(v) if len(v) > 1 else float("nan"))
-            text.append(f"| {METHOD_NAMES[method]} | {len(rs)} | {statistics.fmean(a):.2f} ± {sd(a):.2f} | "
+            text.append(f"| {LABELS[method]} | {len(rs)} | {statistics.fmean(a):.2f} ± {sd(a):.2f} | "
                         f"{statistics.fmean(m):.4f} ± {sd(m):.4f} |")
     rows = []
     for r in runs:
-        if r["method"] in ("dash", "tsd"):
+        if r["method"] in ("dash", "tsd", "dash10"):
             rows.append({"method": r["method"], "seed": r["seed"], **dash_magnitude(r["dir"] / "adapter")})
     if rows:
         with open(args.out / "dash_magnitude.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        ratios = [x["median_scalar_ratio"] for x in rows]
         text += ["", "## Dash magnitude (pre-registered check: median ratio >= 3)", "",
                  "| Method | seed | median \\|d_i\\| / \\|LoRA component\\| | median \\|\\|dash\\|\\| / \\|\\|LoRA dW\\|\\| | median \\|d_i\\| |",
                  "| --- | ---: | ---: | ---: | ---: |"]
-        text += [f"| {METHOD_NAMES[x['method']]} | {x['seed']} | {x['median_scalar_ratio']:.2f} | "
+        text += [f"| {LABELS[x['method']]} | {x['seed']} | {x['median_scalar_ratio']:.2f} | "
                  f"{x['median_norm_share']:.3f} | {x['median_abs_scalar']:.4f} |" for x in rows]
-        text += ["", f"Median of the runs' median ratios: {statistics.median(ratios):.2f}."]
+        text += [""] + [f"{LABELS[m]}: median of the runs' median ratios "
+                        f"{statistics.median(x['median_scalar_ratio'] for x in rows if x['method'] == m):.2f} "
+                        f"({sum(x['median_scalar_ratio'] >= 3 for x in rows if x['method'] == m)} of "
+                        f"{sum(x['method'] == m for x in rows)} runs at >= 3)."
+                        for m in ("dash", "tsd", "dash10") if any(x["method"] == m for x in rows)]
     (args.out / "paired.md").write_text("\n".join(text) + "\n")
     if acc:
         plot_paired(acc, args.out / "paired.png")

@@ -4,12 +4,14 @@ bare-launcher path; MLflow runs in the config's store), resumable.
 
     python benchmarks/sweep_methods.py                       # configs/sarcasm_minilm.yaml, 5 x 5
     python benchmarks/sweep_methods.py --seeds 1 2 --methods lora dash
+    python benchmarks/sweep_methods.py --methods dash10      # the follow-up arm (RESULTS part 1b)
 
 Runs are named <method>-s<seed>. A finished run is skipped in a second (pipeline.run_folder), an
 interrupted one resumes from its last checkpoint: after an interruption, run the same command
 again. Seed-major order, so a partial sweep holds complete pairs. Method full trains every
 weight at a rate suited to it (`FULL_LR`, 1/10 of the adapters' rate, as is usual for encoders):
-stated in the pre-registration. Each run's output goes to <output_dir>/<name>.log.
+stated in the pre-registration. Arms beyond the five methods (`ARMS`) are a method with other
+settings, run only when named. Each run's output goes to <output_dir>/<name>.log.
 """
 
 from __future__ import annotations
@@ -24,11 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["lora", "dash", "init", "tsd", "full"]
 FULL_LR = "5.0e-5"
+# arm -> (method, extra settings): pre-registered follow-ups, paired with the same seeds' LoRA runs
+ARMS = {"dash10": ("dash", ["train.dash_lr_scale=10"])}
 
 
-def run_one(config: Path, method: str, seed: int, out: Path, nproc: int) -> tuple[int, float]:
-    name = f"{method}-s{seed}"
-    sets = [f"name={name}", f"method.method={method}", f"train.seed={seed}", f"output_dir={out}"]
+def run_one(config: Path, arm: str, seed: int, out: Path, nproc: int) -> tuple[int, float]:
+    name = f"{arm}-s{seed}"
+    method, extra = ARMS.get(arm, (arm, []))
+    sets = [f"name={name}", f"method.method={method}", f"train.seed={seed}", f"output_dir={out}", *extra]
     if method == "full":
         sets.append(f"train.lr={FULL_LR}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -44,7 +49,7 @@ def run_one(config: Path, method: str, seed: int, out: Path, nproc: int) -> tupl
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs/sarcasm_minilm.yaml")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS + list(ARMS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
     p.add_argument("--out", type=Path, default=ROOT / "runs/sarcasm", help="the runs' output_dir")
     p.add_argument("--nproc", type=int, default=2)
