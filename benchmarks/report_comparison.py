@@ -8,7 +8,11 @@ Writes to --out:
   paired.md            each method - LoRA by seed: accuracy and MCC differences, mean, 95%
                        t-interval, exact sign-flip p (pipeline/reports/stats.py)
   dash_magnitude.csv   per dash/tsd run: the median over layers and directions of |d_i| / |LoRA's
-                       component u_i^T dW v_i| and of ||dash term|| / ||LoRA's dW|| (Frobenius)
+                       component u_i^T dW v_i| and of ||dash term|| / ||LoRA's dW|| (Frobenius);
+                       for LoRA-Dash runs also what the layers compute on the first --rows test rows:
+                       the median over layers of ||x V_s diag(d) U_s^T|| / ||scaling x A^T B^T||
+                       (the dash term's share of the update's OUTPUT), and of the input energy
+                       along V_s, ||x V_s||^2 / ||x||^2, as a multiple of s / n (isotropic input)
   paired.png           the paired accuracy differences: one dot per seed, mean and 95% interval
   comparison.*         `tsd compare` of the MLflow experiment (the paper-style table)
   mcc/comparison.*     the same of Matthews correlation x 100 (`tsd compare --metric mcc`)
@@ -88,6 +92,44 @@ def dash_magnitude(adapter: Path) -> dict[str, float]:
             "directions": len(ratios)}
 
 
+@torch.no_grad()
+def dash_activations(run_dir: Path, rows: int) -> dict[str, float]:
+    """What the dash term adds to the layers' outputs on real inputs, beside LoRA's term (a
+    LoRA-Dash run: the update is scaling B A + the dash term, against the original base)."""
+    from pipeline.data.labelled import load_labelled
+    from pipeline.data.loader import tokenize_labelled
+    from pipeline.evaluate import load_model
+    from tsd.inject import tsd_layers
+
+    config = json.loads((run_dir / "run_config.json").read_text())
+    test = config["data"]["test"][0].partition("=")[2]
+    model, tokenizer = load_model(None, run_dir / "adapter", device="cpu")
+    sums: dict[str, list[float]] = {}
+
+    def hook(name, layer):
+        def record(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            lora = layer.scaling * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+            along = x @ layer.dash_V
+            dash = (along * layer.dash_scalars) @ layer.dash_U.t()
+            acc = sums.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+            for i, v in enumerate((dash.square().sum(), lora.square().sum(), along.square().sum(), x.square().sum())):
+                acc[i] += float(v)
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in tsd_layers(model)]
+    for record in load_labelled(test)[:rows]:
+        enc = tokenize_labelled(tokenizer, record, 0, config["data"]["cutoff_len"])
+        model(**{k: torch.tensor([v]) for k, v in enc.items() if k != "labels"})
+    for h in handles:
+        h.remove()
+    layers = dict(tsd_layers(model))
+    out_share = [(d / l) ** 0.5 for d, l, _, _ in sums.values()]
+    energy = [(a / x) / (layers[name].dash_V.shape[1] / layers[name].dash_V.shape[0])
+              for name, (_, _, a, x) in sums.items()]
+    return {"median_output_share": statistics.median(out_share), "median_input_energy_vs_isotropic": statistics.median(energy)}
+
+
 def paired_markdown(pairs: dict[str, dict], unit: str, digits: int) -> str:
     lines = [f"| Method | mean − LoRA ({unit}) | 95% CI | sign-flip p | per seed | n |", "| --- | ---: | ---: | ---: | --- | ---: |"]
     for method, p in pairs.items():
@@ -122,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", default="sarcasm")
     p.add_argument("--tracking-uri", default=None, help="default: the sweep's store, <runs>/mlflow.db")
     p.add_argument("--experiment", default="sarcasm-minilm")
+    p.add_argument("--rows", type=int, default=256, help="test rows for the dash term's output share")
     args = p.parse_args(argv)
     runs = read_runs(args.runs, args.task)
     if not runs:
@@ -150,17 +193,23 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for r in runs:
         if r["method"] in ("dash", "tsd", "dash10"):
-            rows.append({"method": r["method"], "seed": r["seed"], **dash_magnitude(r["dir"] / "adapter")})
+            row = {"method": r["method"], "seed": r["seed"], **dash_magnitude(r["dir"] / "adapter")}
+            if r["method"] != "tsd":  # LoRA-TSD's update is against a re-initialised base: not this formula
+                row.update(dash_activations(r["dir"], args.rows))
+            rows.append(row)
     if rows:
         with open(args.out / "dash_magnitude.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for x in rows for k in x)))
             w.writeheader()
             w.writerows(rows)
         text += ["", "## Dash magnitude (pre-registered check: median ratio >= 3)", "",
-                 "| Method | seed | median \\|d_i\\| / \\|LoRA component\\| | median \\|\\|dash\\|\\| / \\|\\|LoRA dW\\|\\| | median \\|d_i\\| |",
-                 "| --- | ---: | ---: | ---: | ---: |"]
+                 "| Method | seed | median \\|d_i\\| / \\|LoRA component\\| | median \\|\\|dash\\|\\| / \\|\\|LoRA dW\\|\\| | median \\|d_i\\| "
+                 f"| dash output / LoRA output ({args.rows} test rows) | input energy along V_s / (s/n) |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         text += [f"| {LABELS[x['method']]} | {x['seed']} | {x['median_scalar_ratio']:.2f} | "
-                 f"{x['median_norm_share']:.3f} | {x['median_abs_scalar']:.4f} |" for x in rows]
+                 f"{x['median_norm_share']:.3f} | {x['median_abs_scalar']:.4f} | "
+                 + (f"{x['median_output_share']:.3f} | {x['median_input_energy_vs_isotropic']:.3f} |"
+                    if "median_output_share" in x else "— | — |") for x in rows]
         text += [""] + [f"{LABELS[m]}: median of the runs' median ratios "
                         f"{statistics.median(x['median_scalar_ratio'] for x in rows if x['method'] == m):.2f} "
                         f"({sum(x['median_scalar_ratio'] >= 3 for x in rows if x['method'] == m)} of "
