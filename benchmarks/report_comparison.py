@@ -12,7 +12,9 @@ Writes to --out:
                        for LoRA-Dash runs also what the layers compute on the first --rows test rows:
                        the median over layers of ||x V_s diag(d) U_s^T|| / ||scaling x A^T B^T||
                        (the dash term's share of the update's OUTPUT), and of the input energy
-                       along V_s, ||x V_s||^2 / ||x||^2, as a multiple of s / n (isotropic input)
+                       along V_s, ||x V_s||^2 / ||x||^2, as a multiple of s / n (isotropic input);
+                       and the same model with its dash scalars zeroed: the mean largest logit
+                       change over the mean logit spread, and the rows whose class changes
   paired.png           the paired accuracy differences: one dot per seed, mean and 95% interval
   comparison.*         `tsd compare` of the MLflow experiment (the paper-style table)
   mcc/comparison.*     the same of Matthews correlation x 100 (`tsd compare --metric mcc`)
@@ -117,17 +119,26 @@ def dash_activations(run_dir: Path, rows: int) -> dict[str, float]:
                 acc[i] += float(v)
         return record
 
-    handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in tsd_layers(model)]
-    for record in load_labelled(test)[:rows]:
-        enc = tokenize_labelled(tokenizer, record, 0, config["data"]["cutoff_len"])
-        model(**{k: torch.tensor([v]) for k, v in enc.items() if k != "labels"})
+    layers = dict(tsd_layers(model))
+    encoded = [tokenize_labelled(tokenizer, record, 0, config["data"]["cutoff_len"]) for record in load_labelled(test)[:rows]]
+    inputs = [{k: torch.tensor([v]) for k, v in enc.items() if k != "labels"} for enc in encoded]
+    handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in layers.items()]
+    with_dash = [model(**x).logits[0] for x in inputs]
     for h in handles:
         h.remove()
-    layers = dict(tsd_layers(model))
+    saved = {name: layer.dash_scalars.clone() for name, layer in layers.items()}
+    for layer in layers.values():  # the same model without its dash term: what the term changes
+        layer.dash_scalars.zero_()
+    without = [model(**x).logits[0] for x in inputs]
+    for name, layer in layers.items():
+        layer.dash_scalars.copy_(saved[name])
+    spread = statistics.fmean(float(a.max() - a.min()) for a in with_dash)
     out_share = [(d / l) ** 0.5 for d, l, _, _ in sums.values()]
     energy = [(a / x) / (layers[name].dash_V.shape[1] / layers[name].dash_V.shape[0])
               for name, (_, _, a, x) in sums.items()]
-    return {"median_output_share": statistics.median(out_share), "median_input_energy_vs_isotropic": statistics.median(energy)}
+    return {"median_output_share": statistics.median(out_share), "median_input_energy_vs_isotropic": statistics.median(energy),
+            "logit_change_vs_spread": statistics.fmean(float((a - b).abs().max()) for a, b in zip(with_dash, without)) / spread,
+            "rows_flipped_without_dash": sum(int(a.argmax() != b.argmax()) for a, b in zip(with_dash, without))}
 
 
 def paired_markdown(pairs: dict[str, dict], unit: str, digits: int) -> str:
@@ -204,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
             w.writerows(rows)
         text += ["", "## Dash magnitude (pre-registered check: median ratio >= 3)", "",
                  "| Method | seed | median \\|d_i\\| / \\|LoRA component\\| | median \\|\\|dash\\|\\| / \\|\\|LoRA dW\\|\\| | median \\|d_i\\| "
-                 f"| dash output / LoRA output ({args.rows} test rows) | input energy along V_s / (s/n) |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                 f"| dash output / LoRA output ({args.rows} test rows) | input energy along V_s / (s/n) "
+                 "| logit change without the dash term / logit spread | rows whose class changes without it |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         text += [f"| {LABELS[x['method']]} | {x['seed']} | {x['median_scalar_ratio']:.2f} | "
                  f"{x['median_norm_share']:.3f} | {x['median_abs_scalar']:.4f} | "
-                 + (f"{x['median_output_share']:.3f} | {x['median_input_energy_vs_isotropic']:.3f} |"
-                    if "median_output_share" in x else "— | — |") for x in rows]
+                 + (f"{x['median_output_share']:.3f} | {x['median_input_energy_vs_isotropic']:.2f} | "
+                    f"{x['logit_change_vs_spread']:.4f} | {x['rows_flipped_without_dash']} / {args.rows} |"
+                    if "median_output_share" in x else "— | — | — | — |") for x in rows]
         text += [""] + [f"{LABELS[m]}: median of the runs' median ratios "
                         f"{statistics.median(x['median_scalar_ratio'] for x in rows if x['method'] == m):.2f} "
                         f"({sum(x['median_scalar_ratio'] >= 3 for x in rows if x['method'] == m)} of "
