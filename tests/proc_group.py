@@ -102,3 +102,18 @@ def crashed_after(src_run: Path, dst_run: Path, step: int) -> Path:
             shutil.rmtree(tag)
     (ckpt / "latest").write_text(f"step{step}")
     return ckpt
+
+
+def train_config(cfg: dict, wd: Path, nproc: int = 2, copy_from: Path | None = None,
+                 stop_at: int | None = None) -> subprocess.CompletedProcess:
+    """Write `cfg` (a tiny_config dict) to wd/<name>.yaml and train it under torchrun; with
+    `copy_from`, first leave the run folder as a crash after that run's step-`stop_at` checkpoint
+    would (so the run resumes from it)."""
+    import yaml
+
+    name = cfg["name"]
+    if copy_from is not None:
+        crashed_after(copy_from, Path(cfg["output_dir"]) / name, stop_at)
+    path = wd / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return torchrun_worker(path, nproc=nproc)

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from proc_group import crashed_after, make_tiny_model, tiny_config, torchrun_worker
+from proc_group import make_tiny_model, tiny_config, train_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -29,11 +28,7 @@ def _run(wd: Path, name: str, scale: float, steps: int, copy_from: Path | None =
     cfg["train"].update(max_steps=steps, lr=LR, warmup_steps=0, schedule="constant", dash_lr_scale=scale,
                         checkpoint_every=1, keep_checkpoints=None)
     cfg["tracking"].update(offline=True)
-    if copy_from is not None:
-        crashed_after(copy_from, wd / "runs" / name, stop_at)
-    path = wd / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = torchrun_worker(path, nproc=nproc)
+    proc = train_config(cfg, wd, nproc, copy_from, stop_at)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
     return load_file(str(wd / "runs" / name / "adapter" / "tsd_state.safetensors"))
 

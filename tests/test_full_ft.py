@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from proc_group import BIN, ROOT, child_env, crashed_after, make_tiny_model, run_group, tiny_config, torchrun_worker
+from proc_group import BIN, ROOT, child_env, make_tiny_model, run_group, tiny_config, train_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -24,11 +24,7 @@ def _run(wd: Path, name: str, copy_from: Path | None = None, stop_at: int | None
     cfg["method"].update(method="full")
     cfg["train"].update(max_steps=4, checkpoint_every=1, keep_checkpoints=None, lr=1e-3)
     cfg["tracking"].update(offline=True)
-    if copy_from is not None:
-        crashed_after(copy_from, wd / "runs" / name, stop_at)
-    path = wd / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = torchrun_worker(path)
+    proc = train_config(cfg, wd, copy_from=copy_from, stop_at=stop_at)
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
     return wd / "runs" / name
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from proc_group import crashed_after, make_tiny_model, tiny_config, torchrun_worker
+from proc_group import make_tiny_model, tiny_config, train_config
 from safetensors.torch import load_file
 
 from pipeline.training.strategy import ModelSizes, bytes_per_rank, choose_strategy, model_sizes
@@ -87,11 +87,7 @@ def runs(tmp_path_factory):
         cfg["method"].update(method=method, switch_step=2, dropout=dropout)
         cfg["train"].update(max_steps=6, warmup_steps=2, checkpoint_every=1, keep_checkpoints=None)
         cfg["tracking"].update(offline=True)
-        if copy_from is not None:
-            crashed_after(copy_from, wd / "runs" / name, stop_at)
-        path = wd / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        proc = torchrun_worker(path, nproc=nproc)
+        proc = train_config(cfg, wd, nproc, copy_from, stop_at)
         if not expect_ok:
             return proc
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
