@@ -56,12 +56,13 @@ from pipeline.data.tasks import (
 from pipeline.config import RunConfig
 from pipeline.logs import log
 from pipeline.model_task import HEAD_MODULES, head_config, task_of_folder
-from pipeline.training.distributed import leave_process_group, rank_and_world
+from pipeline.training.distributed import bind_device, leave_process_group, rank_and_world
 from pipeline.training.engine import release_training_state
 from pipeline.training.memory import release_freed_heap, whole_model_fits
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import DB_FILE, resolve_tracking_uri
+from tsd import collectives
 from tsd.export import SIDECAR, apply_state, load_adapter, read_sidecar
 from tsd.partition import is_partitioned
 
@@ -281,12 +282,7 @@ def rank_batches(n_rows: int, batch_size: int, synced: bool) -> list[list[int] |
 
 def gather_rows(local: dict[str, list[dict]]) -> dict[str, list[dict]]:
     """Every rank's scored rows (each with its "index"), merged per set in file order, on every rank."""
-    _, world = rank_and_world()
-    parts: list = [None] * world
-    if world > 1:
-        dist.all_gather_object(parts, local)
-    else:
-        parts = [local]
+    parts = collectives.all_gather_object(local)
     return {task: sorted((row for part in parts for row in part[task]), key=lambda r: r["index"]) for task in local}
 
 
@@ -550,10 +546,8 @@ def _init_distributed_from_env() -> bool:
     """Join the process group a launcher (torchrun, deepspeed) describes in the environment."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend)
+    bind_device()  # cuda:LOCAL_RANK before the group exists (a no-op on CPU)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
 
 

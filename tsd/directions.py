@@ -44,6 +44,11 @@ class LayerDirections:
     V: torch.Tensor
     change_rates: torch.Tensor
 
+    def to(self, device: torch.device | str) -> LayerDirections:
+        """The same selection on `device` (itself when it is there already)."""
+        moved = [t.to(device) for t in (self.indices, self.sigma, self.U, self.V, self.change_rates)]
+        return LayerDirections(self.name, *moved)
+
 
 def svd_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):

@@ -87,8 +87,10 @@ class TSDLinear(nn.Module):
             self.register_buffer("init_B0", torch.zeros(m, r, **kw))
             self.register_buffer("init_indices", torch.full((r,), -1, dtype=torch.long, device=device))
             self.register_buffer("init_step", torch.tensor(NOT_SWITCHED, dtype=torch.long, device=device))
-        # A Python mirror of dash_step >= 0, so forward never reads a device tensor (a GPU sync).
+        # Python mirrors of dash_step >= 0 and init_step >= 0: forward and the per-step switch
+        # bookkeeping (tsd.switch.due_switches) never read a device tensor (a GPU sync each).
         self._dash_on = False
+        self._init_on = False
 
     # ----------------------------------------------------------------------------- state
     @property
@@ -97,11 +99,13 @@ class TSDLinear(nn.Module):
 
     @property
     def init_done(self) -> bool:
-        return self.keep_init and int(self.init_step) >= 0
+        return self._init_on
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # Once per load, not per step: the only places the buffers are read on the host.
         self._dash_on = bool(self.dash_size) and int(self.dash_step) >= 0
+        self._init_on = self.keep_init and int(self.init_step) >= 0
 
     def extra_repr(self) -> str:
         return (
@@ -121,8 +125,12 @@ class TSDLinear(nn.Module):
             # Never the m x n matrix, and x is read once: two separate skinny products (one per
             # term) cost 7% over LoRA on CPU, the fused pair 2% (benchmarks/bench_step.py).
             c = self.scaling if self.dash_scaled else 1.0
-            down = torch.cat([self.lora_A, self.dash_V.t()], dim=0)
-            up = torch.cat([self.lora_B * self.scaling, self.dash_U * (self.dash_scalars * c)], dim=1)
+            # The directions are buffers, which DeepSpeed leaves in fp32 when it casts the
+            # parameters to bf16/fp16 (ddp, zero2): computed in the factors' dtype, as x is.
+            dtype = self.lora_A.dtype
+            down = torch.cat([self.lora_A, self.dash_V.t().to(dtype)], dim=0)
+            up = torch.cat([self.lora_B * self.scaling, (self.dash_U.to(dtype) * (self.dash_scalars * c)).to(dtype)],
+                           dim=1)
             update = F.linear(F.linear(xd, down), up)
         else:
             hidden = F.linear(xd, self.lora_A)
@@ -173,6 +181,7 @@ class TSDLinear(nn.Module):
         s = directions.indices.numel()
         if s != self.dash_size:
             raise ValueError(f"{directions.name}: got {s} dash directions, the layer holds {self.dash_size}")
+        directions = directions.to(self.dash_U.device)  # where a broadcast left them (pipeline: the group's device)
         self.dash_U.copy_(directions.U)
         self.dash_V.copy_(directions.V)
         self.dash_indices.copy_(directions.indices)
@@ -203,14 +212,18 @@ class TSDLinear(nn.Module):
             raise RuntimeError("fill_init on a layer created without keep_init=True")
         if directions.indices.numel() != self.r:
             raise ValueError(f"{directions.name}: LoRA-Init needs r={self.r} directions, got {directions.indices.numel()}")
-        A, B = self.init_factors(directions)
-        subtract_update_(self.base_layer.weight if weight is None else weight, B, A, self.scaling)
+        target = self.base_layer.weight if weight is None else weight
+        # The factors are computed where the weight they edit lives: the selection arrives on the
+        # device of the broadcast that shared it, which need not be the layer's.
+        A, B = self.init_factors(directions.to(target.device))
+        subtract_update_(target, B, A, self.scaling)
         self.lora_A.copy_(A)
         self.lora_B.copy_(B)
         self.init_A0.copy_(A)
         self.init_B0.copy_(B)
         self.init_indices.copy_(directions.indices)
         self.init_step.fill_(step)
+        self._init_on = True
 
 
 @torch.no_grad()
@@ -223,6 +236,9 @@ def subtract_update_(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, sca
     per entry. With float32 intermediates, scaling B0 A0 cancels most of W in some entries and its
     float32 error showed through (0.56 bf16 ulp measured). Row blocks keep the float64 copy small.
     """
+    if not (weight.device == B.device == A.device):
+        raise RuntimeError(f"subtract_update_: the weight is on {weight.device}, B on {B.device}, A on {A.device}; "
+                           "the factors must be moved to the weight's device first")
     rows = max(1, (1 << 20) // max(weight.shape[1], 1))
     A64 = A.double()
     for i in range(0, weight.shape[0], rows):

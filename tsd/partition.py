@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from tsd import collectives
+
 
 def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
@@ -53,14 +55,6 @@ def local_part(param: torch.Tensor) -> torch.Tensor:
     return local[: max(0, min(local.numel(), param.ds_numel - start))]
 
 
-def comm_device() -> torch.device:
-    """Where tensors must be for this process group's collectives: the current GPU under NCCL,
-    else the CPU (gloo)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def gather_to(params: Sequence[torch.Tensor], dst: int) -> list[torch.Tensor] | None:
     """The full tensors on rank `dst` only (None elsewhere), in one collective; every rank
     must call it with the same parameters.
@@ -76,18 +70,15 @@ def gather_to(params: Sequence[torch.Tensor], dst: int) -> list[torch.Tensor] | 
         return [p.data for p in params] if _rank() == dst else None
     if not all(is_partitioned(p) for p in params):
         raise ValueError("gather_to: either all or none of the parameters must be ZeRO-3 partitioned")
-    # Bytes, so that parameters of different dtypes travel together; on the device the backend
-    # needs (NCCL: the rank's GPU, also when ZeRO-3 offloads the shards to CPU memory).
-    device = comm_device()
+    # Bytes, so that parameters of different dtypes travel together; put on the group's device
+    # by the caller, so the weights arrive where the SVD runs (NCCL: the rank's GPU, also when
+    # ZeRO-3 offloads the shards to CPU memory).
     local = [p.ds_tensor.data.reshape(-1).view(torch.uint8) for p in params]
-    send = (local[0] if len(local) == 1 else torch.cat(local)).to(device)
-    if dist.get_rank() != dst:
-        dist.gather(send, None, dst=dst)
+    send = (local[0] if len(local) == 1 else torch.cat(local)).to(collectives.group_device())
+    received = collectives.gather(send, dst)
+    if received is None:
         return None
-    world = dist.get_world_size()
-    received = torch.empty(world * send.numel(), dtype=torch.uint8, device=send.device)
-    dist.gather(send, list(received.split(send.numel())), dst=dst)
-    by_rank = received.view(world, send.numel())
+    by_rank = received.view(-1, send.numel())
     out, offset = [], 0
     for p, part in zip(params, local):
         raw = by_rank[:, offset : offset + part.numel()].reshape(-1)  # a view when it is one parameter
@@ -103,11 +94,19 @@ def set_master_copy(param: torch.Tensor, value: torch.Tensor) -> None:
     with a modifier rank), also overwrite the optimizer's fp32 master partition, which ZeRO-3,
     ZeRO-2 and DeepSpeed's bf16 optimizer keep apart from the parameter; otherwise the next
     optimizer step computes from the stale master copy and silently undoes the edit. Without
-    a master copy (plain data parallel in fp32, one process) there is nothing to do."""
-    if (is_partitioned(param) and hasattr(param, "_z3_optimizer")) or hasattr(param, "_hp_mapping"):
+    a master copy (plain data parallel in fp32, one process) there is nothing to do; stage 0 in
+    16 bits keeps masters this cannot reach (pipeline.training.engine.refresh_master_copies)."""
+    if master_copy_reachable(param):
         from deepspeed.utils import safe_set_full_fp32_param  # deferred: tsd/ runs without DeepSpeed
 
         safe_set_full_fp32_param(param, value.to(torch.float32))
+
+
+def master_copy_reachable(param: torch.Tensor) -> bool:
+    """Whether `set_master_copy` can write this parameter's optimizer master copy exactly
+    (deepspeed.utils.safe_set_full_fp32_param's two paths: ZeRO-3's partitions, and the
+    parameters ZeRO-1/2 and BF16_Optimizer link to their masters through `_hp_mapping`)."""
+    return (is_partitioned(param) and hasattr(param, "_z3_optimizer")) or hasattr(param, "_hp_mapping")
 
 
 def _rank() -> int:

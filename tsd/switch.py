@@ -111,7 +111,9 @@ class Init:
         if not layer.init_done:
             return
         with gathered([layer.base_layer.weight], modifier_rank=modifier_rank):
-            subtract_update_(layer.base_layer.weight, layer.init_B0.float(), layer.init_A0.float(), layer.scaling)
+            w = layer.base_layer.weight  # gathered: where ZeRO-3 assembles it, not always the buffers' device
+            subtract_update_(w, layer.init_B0.to(w.device, torch.float32), layer.init_A0.to(w.device, torch.float32),
+                             layer.scaling)
 
 
 KINDS: dict[str, Dash | Init] = {DASH: Dash(), INIT: Init()}

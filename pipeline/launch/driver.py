@@ -19,6 +19,7 @@ from pathlib import Path
 # other commands never load Ray).
 import ray
 import ray.train
+import ray.train.torch
 from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -42,9 +43,21 @@ def _train_fn(loop_config: dict) -> None:
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
 
     ctx = WorkerContext(
-        run_id=loop_config["run_id"], tracking_uri=tracking_uri, report=report, launcher="ray"
+        run_id=loop_config["run_id"], tracking_uri=tracking_uri, report=report, launcher="ray",
+        local_rank=ray_gpu_index(),
     )
     train(cfg, ctx)
+
+
+def ray_gpu_index() -> int | None:
+    """This worker's GPU among those it sees: Ray Train shows a node's workers all of the node's
+    assigned GPUs, so the index is Ray's to tell (it need not equal the local rank); None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    device = ray.train.torch.get_device()
+    return device.index if device.type == "cuda" else None
 
 
 def _masked_config(cfg: RunConfig) -> dict:

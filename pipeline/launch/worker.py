@@ -14,7 +14,7 @@ import os
 import sys
 
 from pipeline.config import ConfigError, load_config
-from pipeline.training.distributed import end_process
+from pipeline.training.distributed import bind_device, end_process
 from pipeline.paths import resolve_paths
 from pipeline.launch.preflight import preflight
 from pipeline.run_folder import check_rerun, finished_line
@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # First, before the preflight or anything else can touch CUDA: this rank's GPU. The DeepSpeed
+    # launcher passes --local_rank (and sets LOCAL_RANK); torchrun sets LOCAL_RANK.
+    local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    bind_device(local_rank)
     try:
         cfg = load_config(args.config, args.set)
     except ConfigError as e:
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     uri = resolve_tracking_uri(args.tracking_uri or cfg.tracking.uri, cfg.output_dir)
     launcher = "deepspeed" if args.local_rank is not None or "DEEPSPEED_ENVIRONMENT_NAME" in os.environ else "torchrun"
-    main_entry(cfg, WorkerContext(run_id=args.run_id, tracking_uri=uri, launcher=launcher))
+    main_entry(cfg, WorkerContext(run_id=args.run_id, tracking_uri=uri, launcher=launcher, local_rank=local_rank))
     return 0
 
 

@@ -17,7 +17,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -30,6 +29,7 @@ from pipeline.logs import log
 from pipeline.training.distributed import rank_and_world
 from pipeline.training.reshard import read_layout, write_layout
 from pipeline.training.strategy import strategy_of_stage
+from tsd import collectives
 from tsd.inject import tsd_layers
 from tsd.switch import INIT, switch_kind
 
@@ -71,8 +71,7 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
     # Rank 0 alone moves `latest` and prunes: the others wait for it, so that on every rank,
     # once this returns, `latest` names this tag and no older tag is half deleted (without it a
     # rank reading `latest` right after saving could see the previous tag: CI caught that once).
-    if world > 1 and dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
 
 
 LEAN = "frozen_base_not_saved"  # client-state key of a checkpoint without the frozen base
@@ -245,16 +244,11 @@ def choose_resume_tag(ckpt_dir: Path, rank: int, world: int, bf16: bool = False)
         if _step_of(latest) is not None:  # only tags older than `latest`: never jump ahead of it
             older = [t for t in older if _step_of(t) < _step_of(latest)]
         candidates = [latest, *older]
-    if world > 1:
-        box = [candidates]
-        dist.broadcast_object_list(box, src=0)
-        candidates = box[0]
+    candidates = collectives.broadcast_object(candidates, src=0)
     if not candidates:
         return None
     problems = [tag_problem(ckpt_dir / t, rank, bf16, world) for t in candidates]
-    bad = torch.tensor([0.0 if p is None else 1.0 for p in problems])
-    if world > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    bad = collectives.all_reduce(torch.tensor([0.0 if p is None else 1.0 for p in problems]), op="max")
     for p in problems:
         if p is not None:
             log(f"checkpoint check: {p}", all_ranks=True)
@@ -271,12 +265,12 @@ def choose_resume_tag(ckpt_dir: Path, rank: int, world: int, bf16: bool = False)
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every random generator this rank draws from, as tensors + metadata (safetensors: no
-    pickle): torch's CPU generator, each CUDA device's, Python's `random` and NumPy's global one
-    (data code and libraries may use them)."""
+    pickle): torch's CPU generator, this rank's GPU's (the one it is bound to: asking every
+    visible GPU would open a CUDA context on each, from every rank of the node), Python's `random`
+    and NumPy's global one (data code and libraries may use them)."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            tensors[f"cuda.{i}"] = torch.cuda.get_rng_state(i)
+        tensors["cuda"] = torch.cuda.get_rng_state()
     version, internal, gauss = random.getstate()
     tensors["python"] = torch.tensor(internal, dtype=torch.int64)
     meta = {"python_version": str(version), "python_gauss": repr(gauss)}
@@ -297,9 +291,12 @@ def restore_rng(ckpt_path: Path) -> None:
     with safe_open(str(f), framework="pt") as handle:
         meta = handle.metadata() or {}
     torch.set_rng_state(tensors["torch"])
-    for name, state in tensors.items():
-        if name.startswith("cuda.") and torch.cuda.is_available() and int(name[5:]) < torch.cuda.device_count():
-            torch.cuda.set_rng_state(state, int(name[5:]))
+    if torch.cuda.is_available():
+        # This rank's GPU generator onto the GPU it is bound to now (the local rank may map to
+        # another index than when saved); older checkpoints kept every visible GPU's as cuda.<i>.
+        state = tensors.get("cuda", tensors.get(f"cuda.{torch.cuda.current_device()}"))
+        if state is not None:
+            torch.cuda.set_rng_state(state)
     if "python" in tensors:
         gauss = meta.get("python_gauss", "None")
         random.setstate((int(meta["python_version"]), tuple(tensors["python"].tolist()),

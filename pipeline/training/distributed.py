@@ -37,13 +37,38 @@ import sys
 import threading
 from typing import NoReturn
 
+import torch
 import torch.distributed as dist
+
+from tsd import collectives
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the default process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def bind_device(local_index: int | None = None) -> torch.device:
+    """Make this process's GPU the current CUDA device, before any other CUDA call or collective
+    (the CPU where there is no GPU). Every launcher entry calls it first.
+
+    local_index: the GPU among the visible ones (Ray Train knows it: ray.train.torch.get_device);
+    else LOCAL_RANK, which torchrun and the DeepSpeed launcher set (one GPU per local rank).
+    Without it every rank of a node would work on GPU 0: object collectives, peak-memory counters,
+    `mem_get_info` (the memory budget that picks the strategy) and NCCL itself all use the current
+    device."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", "0")) if local_index is None else local_index
+    visible = torch.cuda.device_count()
+    if not 0 <= index < visible:
+        raise RuntimeError(
+            f"local rank {index} has no GPU of its own: this process sees {visible} GPU(s) "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most one rank per GPU"
+        )
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 GLOO_WORKER_THREAD = "pt_gloo_runloop"  # the name torch gives ProcessGroupGloo's worker threads
@@ -74,7 +99,7 @@ def leave_process_group(together: bool = True) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     if together:
-        dist.barrier()
+        collectives.barrier()
     ds_comm = sys.modules.get("deepspeed.comm")
     if ds_comm is not None and ds_comm.is_initialized():
         # Also drops DeepSpeed's module-level handles on the groups (its world group clone etc.)

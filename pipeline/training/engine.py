@@ -1,6 +1,6 @@
 """What the DeepSpeed engine is built from: seeds, the DeepSpeed config, the model loaded
 partitioned by ZeRO-3, the learning-rate schedule (and its restart after a LoRA-Init switch), and
-the optimizer state reset that follows an Init switch."""
+the optimizer state reset and master-copy refresh that follow an Init switch."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pipeline.model_task import HEAD_MODULES, head_config, init_head, model_clas
 from pipeline.training.partitioned_load import CannotLoadPartitioned, load_partitioned, weight_files
 from pipeline.training.distributed import rank_and_world
 from pipeline.training.strategy import STAGES
-from tsd.partition import full_shape, is_partitioned
+from tsd.partition import full_shape, is_partitioned, master_copy_reachable
 
 
 def seed_everything(seed: int) -> None:
@@ -210,6 +210,33 @@ def reset_optimizer_state(engine) -> None:
                 value.zero_()
             elif key == "step":
                 state[key] = 0
+
+
+def refresh_master_copies(engine) -> str:
+    """Make every copy of the trainable weights the optimizer keeps equal to the model's, after a
+    switch edited them in place (LoRA-Init); returns what it did, for a log line.
+
+    DeepSpeed's 16-bit optimizers keep fp32 master copies apart from the model and copy them into
+    the model after every step: left stale, the next step silently restores the old A and B
+    while the base is already the residual, undoing LoRA-Init. ZeRO-3's partitions and the
+    optimizers that link each parameter to its master (`_hp_mapping`: ZeRO-1/2, BF16_Optimizer)
+    were already given the exact fp32 factors by the switch (tsd.partition.set_master_copy);
+    `refresh_fp32_params` would overwrite those with the 16-bit-rounded model values, so it runs
+    only where that path does not reach: stage 0 with bf16/fp16 (FP16_UnfusedOptimizer,
+    FP16_Optimizer), whose masters all become the model's 16-bit values, upcast (for parameters
+    the switch did not touch, a modules_to_save head, a one-time rounding to what the model
+    already computes with). In fp32 without ZeRO the optimizer steps the parameters themselves:
+    nothing to do. Local to the rank (no collective); every rank calls it after the switch."""
+    optimizer = engine.optimizer
+    name = type(optimizer).__name__
+    refresh = getattr(optimizer, "refresh_fp32_params", None)
+    if refresh is None:
+        return f"{name} steps the model's own parameters: no master copy to refresh"
+    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    if all(master_copy_reachable(p) for p in trainable):
+        return f"{name}: fp32 master copies already set exactly by the switch (kept, not refreshed from 16 bits)"
+    refresh()
+    return f"{name}: fp32 master copies refreshed from the model's weights"
 
 
 def release_training_state(engine, keep_module: bool) -> None:

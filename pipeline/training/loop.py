@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -37,9 +38,10 @@ from pipeline.tracking.store import client, close_run, start_or_continue_run
 from pipeline.training import rank_failure
 from pipeline.training.checkpoint import (choose_resume_tag, rebuild_after_resume, restore_rng, save_checkpoint,
                                          weights_only_checkpoint_engine)
-from pipeline.training.distributed import leave_process_group, prefer_interpreter_tools, rank_and_world
+from pipeline.training.distributed import bind_device, leave_process_group, prefer_interpreter_tools, rank_and_world
 from pipeline.training.engine import (ROOMY_HEADROOM, assert_partitioned, deepspeed_config, load_model,
-                                      lr_lambda_factory, read_deepspeed_json, reset_optimizer_state, restart_schedule,
+                                      lr_lambda_factory, read_deepspeed_json, refresh_master_copies, reset_optimizer_state,
+                                      restart_schedule,
                                       seed_everything)
 from pipeline.training.faults import Faults
 from pipeline.training.memory import (PhaseMemory, gather_and_log, release_freed_heap, return_large_frees_to_os,
@@ -52,6 +54,7 @@ from pipeline.training.reshard import (Layout, checkpoint_run_id, keep_global_ba
                                       read_layout)
 from pipeline.training.sharded_switch import sharded_switch
 from pipeline.training.strategy import choose_strategy, model_sizes
+from tsd import collectives
 from tsd.export import collect_state, save_adapter, save_full_model
 from tsd.inject import inject, tsd_layers
 from tsd.switch import due_switches, switch_kind, switch_steps
@@ -65,6 +68,7 @@ class WorkerContext:
     tracking_uri: str | None = None
     report: Callable[[dict], None] | None = None  # e.g. ray.train.report
     launcher: str = "local"
+    local_rank: int | None = None  # this rank's GPU among the visible ones; None: LOCAL_RANK (bind_device)
     faults: Faults = field(default_factory=Faults.from_env)  # only the reliability tests set any
 
 
@@ -101,12 +105,13 @@ def optimizer_steps(cfg: RunConfig, n_examples: int, world: int) -> int:
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     setup_logging()  # first: dependency warnings are filtered before anything can raise them
+    ctx = ctx or WorkerContext()
+    bind_device(ctx.local_rank)  # before any other CUDA call or collective, DeepSpeed's import included
     prefer_interpreter_tools()  # before DeepSpeed compiles (or finds compiled) its CPU op
     # Deferred: importing deepspeed takes seconds and probes the accelerator; the preflight and
     # the driver import this module without training.
     import deepspeed
 
-    ctx = ctx or WorkerContext()
     if not dist.is_initialized():
         # The backstop for a rank that vanishes without a word (a lost node): its peers' collectives
         # fail after this long. A rank that raises ends the job at once (pipeline.training.rank_failure).
@@ -141,7 +146,7 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     nodes = gather_nodes(rank, world)
     monitor = None
     if cfg.tracking.system_metrics_every_s and not cfg.tracking.offline:
-        monitor = start_system_metrics(_shared_run_id(run_id, world), ctx.tracking_uri, nodes, rank,
+        monitor = start_system_metrics(_shared_run_id(run_id), ctx.tracking_uri, nodes, rank,
                                        cfg.tracking.system_metrics_every_s)
     try:
         result = _train(cfg, ctx, tracker, rank, world, nodes)
@@ -221,8 +226,11 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     sched_state = {"phase_start": 0}
     optimizer = torch.optim.AdamW(param_groups(model, cfg.train), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(cfg, total_steps, sched_state))
+    # On a GPU, DeepSpeed is told the device bind_device chose; left alone it would pick
+    # cuda:LOCAL_RANK, which under Ray need not be this worker's GPU.
+    ds_args = SimpleNamespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        args=ds_args, model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     engine.checkpoint_engine = weights_only_checkpoint_engine(engine.checkpoint_engine)
     session = Session(cfg, engine, optimizer, scheduler, tokenizer, loader, ds_config, total_steps, sched_state, hf_ds,
@@ -301,12 +309,9 @@ def resume(session: Session, tag: str, saved: Layout, n_examples: int, tracker) 
     record_restart(tracker, engine.global_steps)
 
 
-def _shared_run_id(run_id: str | None, world: int) -> str | None:
+def _shared_run_id(run_id: str | None) -> str | None:
     """The MLflow run id on every rank (under a bare launcher only rank 0 made it)."""
-    box = [run_id]
-    if world > 1:
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
+    return collectives.broadcast_object(run_id, src=0)
 
 
 def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, nodes: list[Node]) -> TrainResult:
@@ -316,7 +321,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
     result = TrainResult(final_loss=s.last_loss)  # a resume at the last step trains nothing: the checkpoint's
     accum = cfg.train.grad_accum
     switch_at = tuple(sorted(switch_steps(cfg.method.tsd()).values()))  # retention keeps their state's tags
-    step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
+    step_t0, step_stats, micro_in_step = time.perf_counter(), StepStats(), 0
     # The data position: micro-batches trained on so far, over all epochs (a resume starts there).
     micro_index = s.consumed_micro
     epoch, done_in_epoch = divmod(micro_index, len(s.loader))
@@ -331,37 +336,35 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
             lr_now = s.optimizer.param_groups[0]["lr"]  # the rate this step applies
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
             loss = ctx.faults.loss(out.loss, engine.global_steps + 1)
-            if not loss_is_finite(loss, world):
-                # No "skip" mode: under ZeRO-3 a forward without its backward desynchronises the
-                # ranks' parameter fetches (the run hangs), and a zero-loss backward still lets
-                # AdamW's momentum move the weights, so a skip would not be a skip.
-                raise non_finite(f"non-finite loss ({float(loss)}) at optimizer step {engine.global_steps + 1}, "
-                                 f"micro-batch {micro_index}; stopping", ckpt_dir)
+            # A non-finite loss is found once the step is complete (one host synchronisation per
+            # optimizer step, not one per micro-batch) and stops the run before that step is
+            # saved. No "skip" mode: under ZeRO-3 a forward without its backward desynchronises the
+            # ranks' parameter fetches (the run hangs), and a zero-loss backward still lets AdamW's
+            # momentum move the weights, so a skip would not be a skip.
+            step_stats.add(loss, batch["attention_mask"])
             engine.backward(loss)
             engine.step()
             if s.tight:  # only where memory is short: re-faulting the freed pages costs ~12% of a step
                 release_freed_heap()
-            step_loss += float(loss.detach())
-            step_tokens += int(batch["attention_mask"].sum())
             micro_in_step += 1
             if micro_in_step < accum:
                 continue
             step = engine.global_steps
-            stats = torch.tensor([step_loss / accum, float(step_tokens)], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(stats)
+            loss_mean, tokens, bad, norm = step_stats.agreed(accum, world, engine.get_global_grad_norm())
+            if bad:  # summed over the ranks: every rank takes this branch at the same step
+                raise non_finite(f"non-finite loss ({loss_mean}) at optimizer step {step}, micro-batches "
+                                 f"{micro_index - accum + 1}-{micro_index}; stopping", ckpt_dir)
             seconds = time.perf_counter() - step_t0
             metrics = {
-                "loss": float(stats[0]) / world,
+                "loss": loss_mean,
                 "lr": float(lr_now),
-                "tokens_per_s": float(stats[1]) / seconds,
+                "tokens_per_s": tokens / seconds,
                 "step_time_s": seconds,
             }
-            norm = engine.get_global_grad_norm()
             if norm is not None:
-                metrics["grad_norm"] = float(norm)
-                if not math.isfinite(float(norm)):  # global norm: every rank sees the same value
-                    raise non_finite(f"non-finite gradient norm ({float(norm)}) at optimizer step {step} with a finite "
+                metrics["grad_norm"] = norm
+                if not math.isfinite(norm):  # global norm: every rank sees the same value
+                    raise non_finite(f"non-finite gradient norm ({norm}) at optimizer step {step} with a finite "
                                      f"loss ({metrics['loss']:.4g}); stopping before this step's weights are saved",
                                      ckpt_dir)
             result.final_loss = metrics["loss"]
@@ -378,7 +381,7 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
                 save_checkpoint(engine, ckpt_dir, step, micro_index, {**s.sched_state, "last_loss": result.final_loss},
                                 cfg.train.keep_checkpoints, switch_at, tracker.run_id)
                 s.memory.enter("train")
-            step_t0, step_loss, step_tokens, micro_in_step = time.perf_counter(), 0.0, 0, 0
+            step_t0, step_stats, micro_in_step = time.perf_counter(), StepStats(), 0
             if step >= total_steps:
                 done = True
                 break
@@ -399,6 +402,9 @@ def run_due_switches(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, st
         s.memory.enter("switch")
         rep = sharded_switch(s.engine.module, kind, step, tsd_cfg.svd_dtype, cfg.method.svd_cache, ctx.faults)
         if switch_kind(kind).restarts_training:
+            # The switch edited A and B: the optimizer's own copies of them must follow, or the
+            # next step restores the old ones (stage 0 in bf16/fp16 keeps fp32 masters apart).
+            log(f"{kind} switch: {refresh_master_copies(s.engine)}")
             reset_optimizer_state(s.engine)
             restart_schedule(s.scheduler, s.sched_state, step)
         result.switch_seconds[kind] = rep.seconds
@@ -472,12 +478,35 @@ def non_finite(what: str, ckpt_dir: Path) -> NonFiniteLossError:
     )
 
 
-def loss_is_finite(loss: torch.Tensor, world: int) -> bool:
-    """Every rank must take the same branch, so the verdict is agreed on (any rank's NaN)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
-    if world > 1:
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0.0
+class StepStats:
+    """One optimizer step's loss, tokens and non-finite count, kept where the loss is (the GPU)
+    until the step ends: then one all-reduce and ONE host synchronisation (`agreed`) give every
+    rank the same numbers, where reading them per micro-batch would stall the GPU each time."""
+
+    def __init__(self) -> None:
+        self.loss: torch.Tensor | None = None  # sum over the step's micro-batches
+        self.tokens: torch.Tensor | None = None
+        self.bad: torch.Tensor | None = None  # micro-batches with a non-finite loss
+
+    def add(self, loss: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        value = loss.detach().to(torch.float64)
+        tokens = attention_mask.sum().to(value.device, torch.float64)  # the batch is still on the host: no sync
+        bad = (~torch.isfinite(value)).to(torch.float64)
+        if self.loss is None:
+            self.loss, self.tokens, self.bad = value, tokens, bad
+        else:
+            self.loss, self.tokens, self.bad = self.loss + value, self.tokens + tokens, self.bad + bad
+
+    def agreed(self, accum: int, world: int, grad_norm) -> tuple[float, float, bool, float | None]:
+        """(mean loss over the step's micro-batches and the ranks, tokens over the ranks, whether
+        any rank saw a non-finite loss, the global gradient norm or None). Every rank calls it."""
+        summed = collectives.all_reduce(torch.stack([self.loss, self.tokens, self.bad]))
+        parts = [summed]
+        if torch.is_tensor(grad_norm):  # the same on every rank: read in the same synchronisation
+            parts.append(grad_norm.detach().reshape(1).to(summed.device, torch.float64))
+        values = torch.cat(parts).tolist()  # the step's one host synchronisation
+        norm = values[3] if len(values) > 3 else (None if grad_norm is None else float(grad_norm))
+        return values[0] / (accum * world), values[1], values[2] > 0, norm
 
 
 def record_restart(tracker, step: int) -> None:
@@ -508,8 +537,7 @@ def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker,
         if rank == 0:
             log(f"fine-tuned model written to {out}")
             tracker.log_artifacts(str(out), "model")
-        if dist.is_initialized():
-            dist.barrier()
+        collectives.barrier()
         return str(out), {}
     state = collect_state(model, tsd_cfg.modules_to_save)  # a collective under ZeRO-3
     out = run_dir / "adapter"
@@ -519,8 +547,7 @@ def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker,
                      extra_metadata={"labels": json.dumps(classes)} if classes else None)
         log(f"adapter written to {out} ({len(tsd_layers(model))} layers)")
         tracker.log_artifacts(str(out), "adapter")
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
     return str(out), state
 
 

@@ -18,6 +18,7 @@ import gc
 import torch
 
 from pipeline.paths import write_json_atomic
+from tsd import collectives
 
 try:
     _LIBC = ctypes.CDLL("libc.so.6")
@@ -100,16 +101,11 @@ class PhaseMemory:
 def gather_and_log(memory: PhaseMemory, tracker, run_dir, step: int) -> dict | None:
     """Every rank's peaks to rank 0: `<run>/memory.json` and the per-phase maxima as metrics.
     Every rank calls it; returns the table on rank 0 (None elsewhere)."""
-    import torch.distributed as dist
-
     from pipeline.training.distributed import rank_and_world
 
     mine = memory.finish()
-    rank, world = rank_and_world()
-    table = [mine]
-    if world > 1:
-        table = [None] * world
-        dist.all_gather_object(table, mine)
+    rank, _ = rank_and_world()
+    table = collectives.all_gather_object(mine)
     if rank != 0:
         return None
     metrics = {}
@@ -150,18 +146,10 @@ def rank_memory_budget() -> tuple[int, str]:
     shared by its ranks (ranks on the same host counted through the process group)."""
     import socket
 
-    import torch.distributed as dist
-
-    from pipeline.training.distributed import rank_and_world
-
     if torch.cuda.is_available():
-        free, _ = torch.cuda.mem_get_info()
+        free, _ = torch.cuda.mem_get_info()  # of the GPU this rank is bound to (bind_device ran first)
         return free + torch.cuda.memory_allocated(), "free GPU memory + this rank's"
-    _, world = rank_and_world()
-    hosts = [socket.gethostname()]
-    if world > 1:
-        hosts = [None] * world
-        dist.all_gather_object(hosts, socket.gethostname())
+    hosts = collectives.all_gather_object(socket.gethostname())
     local = max(1, hosts.count(socket.gethostname()))
     available = 0
     with open("/proc/meminfo") as f:
@@ -174,18 +162,12 @@ def rank_memory_budget() -> tuple[int, str]:
 def smallest_budget(cfg) -> tuple[int, str]:
     """(bytes, where from): the smallest memory budget over all ranks (workers.memory_budget_gb,
     else each rank's measured budget, all-reduced). Every rank must call it."""
-    import torch.distributed as dist
-
-    from pipeline.training.distributed import rank_and_world
-
     if cfg.workers.memory_budget_gb is not None:
         return int(cfg.workers.memory_budget_gb * 2**30), "workers.memory_budget_gb"
     budget, source = rank_memory_budget()
-    _, world = rank_and_world()
-    if world > 1:
-        smallest = torch.tensor([budget], dtype=torch.int64)
-        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        budget, source = int(smallest.item()), f"{source}, the smallest over the ranks"
+    if collectives.active():
+        budget = int(collectives.all_reduce(torch.tensor([budget], dtype=torch.int64), op="min").item())
+        source = f"{source}, the smallest over the ranks"
     return budget, source
 
 

@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from pipeline.config import ConfigError
+from tsd import collectives
 
 
 class SharedStorageError(ConfigError):
@@ -63,9 +63,7 @@ def gather_nodes(rank: int, world: int) -> list[Node]:
     """Every rank's node, grouped: the same list on every rank, nodes in order of their first rank."""
     mine = (socket.gethostname(), this_address(), rank, torch.get_num_threads(),
             torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    everyone = [mine] * world
-    if world > 1:
-        dist.all_gather_object(everyone, mine)
+    everyone = collectives.all_gather_object(mine)
     nodes: dict[tuple[str, str], Node] = {}
     for host, address, r, cpus, gpus in everyone:
         node = nodes.setdefault((host, address), Node(host, address, cpus=0, gpus=gpus))
@@ -82,18 +80,16 @@ def check_shared_storage(folders: dict[str, Path], rank: int, world: int) -> Non
     """Every rank must see what rank 0 writes in each folder (name -> path); see the module doc."""
     if world == 1 or not folders:
         return
-    token = [uuid.uuid4().hex if rank == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    marker = f".tsd-shared-{token[0]}"
+    token = collectives.broadcast_object(uuid.uuid4().hex if rank == 0 else None, src=0)
+    marker = f".tsd-shared-{token}"
     if rank == 0:
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / marker).write_text(token[0])
-    dist.barrier()
-    unseen = [name for name, folder in folders.items() if not _reads(folder / marker, token[0])]
-    report = [None] * world
-    dist.all_gather_object(report, (rank, socket.gethostname(), this_address(), unseen))
-    dist.barrier()  # every rank has looked before rank 0 cleans up
+            (folder / marker).write_text(token)
+    collectives.barrier()
+    unseen = [name for name, folder in folders.items() if not _reads(folder / marker, token)]
+    report = collectives.all_gather_object((rank, socket.gethostname(), this_address(), unseen))
+    collectives.barrier()  # every rank has looked before rank 0 cleans up
     if rank == 0:
         for folder in folders.values():
             (folder / marker).unlink(missing_ok=True)

@@ -28,14 +28,14 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from pipeline.training.distributed import rank_and_world
 from pipeline.training.faults import NO_FAULTS, Faults
 from tsd.directions import Decomposition, LayerDirections, decompose, layer_directions
 from tsd.inject import tsd_layers
-from tsd.partition import comm_device, full_shape, gather_to, is_partitioned, local_part
+from tsd import collectives
+from tsd.partition import full_shape, gather_to, is_partitioned, local_part
 from tsd.plan import plan_loads, shard_plan
 from tsd.svd_cache import SVDCache, part_digest, partition_key, weight_key
 from tsd.switch import SwitchItem, switch_items, switch_kind
@@ -65,10 +65,11 @@ def _pack(d: LayerDirections, dtype: torch.dtype, device: torch.device) -> torch
 
 
 def _unpack(buf: torch.Tensor, item: SwitchItem) -> LayerDirections:
+    """The selection as it arrived, on the broadcast's device (the fills move it to the layer's)."""
     m, n = item.shape
     c, k = item.count, min(m, n)
     sizes = [m * c, n * c, c, k, c]
-    U, V, sigma, rates, idx = torch.split(buf.cpu(), sizes)
+    U, V, sigma, rates, idx = torch.split(buf, sizes)
     # Indices travel as floats of the SVD precision: exact below 2^24 (float32), ample for
     # any min(m, n) a weight has.
     return LayerDirections(item.name, idx.round().long(), sigma, U.view(m, c), V.view(n, c), rates)
@@ -87,7 +88,7 @@ def _chunks(indices: list[int], size_of, limit: int) -> list[list[int]]:
     return out
 
 
-def _cache_lookup(layers, items, owner, rank, world, svd_dtype, cache, device) -> tuple[dict[int, str], dict[int, str]]:
+def _cache_lookup(layers, items, owner, rank, svd_dtype, cache) -> tuple[dict[int, str], dict[int, str]]:
     """For this rank's items: the partition keys (aliases), and the content keys of those the
     cache holds, found without moving a weight: every rank hashes its own slices, and one
     all-gather shares the digests. Whole (replicated) weights need neither: each owner hashes
@@ -103,12 +104,7 @@ def _cache_lookup(layers, items, owner, rank, world, svd_dtype, cache, device) -
     digests = torch.tensor(
         [list(part_digest(local_part(layers[it.name].base_layer.weight))) for it in items], dtype=torch.uint8
     ).reshape(len(items), 32)
-    if world > 1:
-        all_digests = [torch.empty_like(digests, device=device) for _ in range(world)]
-        dist.all_gather(all_digests, digests.to(device))
-        all_digests = [d.cpu() for d in all_digests]
-    else:
-        all_digests = [digests]
+    all_digests = collectives.all_gather(digests)
     aliases, found = {}, {}
     for i, it in enumerate(items):
         if owner[i] != rank:
@@ -134,15 +130,11 @@ def _gather_round(per_rank: list[list[torch.Tensor] | None], rank: int) -> list[
     return mine
 
 
-def _all_ranks_union(mine: set[int], n: int, world: int, device: torch.device) -> set[int]:
+def _all_ranks_union(mine: set[int], n: int) -> set[int]:
     """The union over ranks of sets of item indices (one all-reduce)."""
-    if world == 1:
-        return set(mine)
     flags = torch.zeros(n, dtype=torch.int32)
     flags[sorted(mine)] = 1
-    flags = flags.to(device)
-    dist.all_reduce(flags)
-    return {int(i) for i in torch.nonzero(flags.cpu()).flatten()}
+    return {int(i) for i in torch.nonzero(collectives.all_reduce(flags)).flatten()}
 
 
 def sharded_switch(
@@ -178,7 +170,7 @@ class _ShardedSwitch:
         self.report = SwitchReport(kind=kind, step=step, world_size=self.world,
                                    plan_loads=plan_loads(self.items, self.owner, self.world))
         self.dtype = {"float32": torch.float32, "float64": torch.float64}[svd_dtype]
-        self.device = comm_device()
+        self.device = collectives.group_device()
         # Each rank's queue in descending cost (the plan's order), so the items of one round are
         # of like size and no rank waits long for another's SVD before the next round's gather.
         self.queues = [sorted((i for i in range(len(self.items)) if self.owner[i] == k),
@@ -206,7 +198,7 @@ class _ShardedSwitch:
         for k, its in enumerate(done):
             if not its:
                 continue
-            if self.world == 1:
+            if not collectives.active():
                 got = [self.mine.pop(i) for i in its]
             else:
                 sizes = [_selection_size(self.items[i]) for i in its]
@@ -214,7 +206,7 @@ class _ShardedSwitch:
                     buf = torch.cat([_pack(self.mine.pop(i), self.dtype, self.device) for i in its])
                 else:
                     buf = torch.empty(sum(sizes), dtype=self.dtype, device=self.device)
-                dist.broadcast(buf, src=k)
+                buf = collectives.broadcast(buf, src=k)
                 got = [_unpack(part, self.items[i]) for i, part in zip(its, torch.split(buf, sizes))]
             for i, d in zip(its, got):
                 layer = self.layers[d.name]
@@ -225,9 +217,8 @@ class _ShardedSwitch:
         """Items whose decomposition is on disk need only their (small) LoRA factors at the
         owner: packed, several items per gather, no weight moves. Returns the items done."""
         items, world = self.items, self.world
-        self.aliases, keys = _cache_lookup(self.layers, items, self.owner, self.rank, world, self.svd_dtype,
-                                           self.cache, self.device)
-        cached = _all_ranks_union(set(keys), len(items), world, self.device)
+        self.aliases, keys = _cache_lookup(self.layers, items, self.owner, self.rank, self.svd_dtype, self.cache)
+        cached = _all_ranks_union(set(keys), len(items))
         if not cached:
             return cached
 
@@ -253,7 +244,7 @@ class _ShardedSwitch:
                 self.report.decompose_seconds += time.perf_counter() - t0
                 del dec
             del assembled
-            late = _all_ranks_union(late, len(items), world, self.device)
+            late = _all_ranks_union(late, len(items))
             cached -= late
             self.share([[i for i in c[j] if i not in late] if j < len(c) else [] for c in chunks])
         return cached
