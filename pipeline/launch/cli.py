@@ -7,6 +7,8 @@
   tsd evaluate --model DIR --adapter DIR --data TASK=FILE [...]   generation accuracy (the harness)
   tsd compare EXPERIMENT [--out DIR]          the paper's table from an MLflow experiment
   tsd analyze ADAPTER_DIR [...] [--out DIR]   overlap of the selected directions across runs/layers
+  tsd merge --adapter DIR --out DIR [--model BASE] [--max-shard-size 2GB]   the adapter folded into its
+                                              base: a plain Hugging Face model folder (vLLM, TGI)
 
 User errors (bad config, missing files, bad arguments) print one clear line and exit 2.
 """
@@ -178,6 +180,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pipeline.merge import merge_adapter
+
+    result = merge_adapter(args.adapter, args.out, model=args.model, max_shard_size=args.max_shard_size)
+    for line in result.lines():
+        print(line)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsd", description="LoRA-Dash / LoRA-Init / LoRA-TSD fine-tuning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -251,6 +262,17 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--kind", default="dash", choices=["dash", "init"], help="which selection to compare")
     a.add_argument("--labels", default=None, help="comma-separated names for the adapters (default: run folder names)")
     a.set_defaults(func=cmd_analyze)
+
+    g = sub.add_parser("merge", help="fold an adapter into its base: a plain Hugging Face model folder (vLLM, TGI)",
+                       description="Write base + adapter as one model folder: safetensors shards in the base's dtype, "
+                                   "the base's config, generation config and tokenizer files. It loads with "
+                                   "transformers alone (AutoModelForCausalLM, or AutoModelForSequenceClassification "
+                                   "for a seq_cls adapter); host memory stays near one shard.")
+    g.add_argument("--adapter", required=True, help="exported adapter folder (runs/<name>/adapter, or a stock PEFT LoRA adapter)")
+    g.add_argument("--out", required=True, help="the new model folder (must not exist, or be empty)")
+    g.add_argument("--model", default=None, help="base model folder (default: the adapter's recorded base)")
+    g.add_argument("--max-shard-size", default="2GB", help="largest shard file, e.g. 2GB, 500MB, 4GiB (default 2GB)")
+    g.set_defaults(func=cmd_merge)
     return p
 
 
