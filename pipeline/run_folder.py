@@ -12,6 +12,11 @@ named: resuming a checkpoint made with other settings would silently mix two run
 only say how or where it runs (workers, DeepSpeed strategy, tracking, evaluation, logging and
 checkpoint cadence) may change. `--fresh` starts over: a finished run's folder is removed (its
 MLflow run keeps its metrics and adapter), an interrupted one's is moved aside, never deleted.
+
+The base weights are compared too: `base_fingerprint.json` records the fingerprint of the model
+folder the run trained on (pipeline.fingerprint; each checkpoint tag's layout.json carries a copy),
+and a rerun whose model.path now holds other weights (another revision, a re-saved or half-copied
+folder) is refused with the files that differ; `--fresh` starts a new run on them instead.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.fingerprint import Fingerprint, check_same_base, fingerprint
+
 RUN_CONFIG_FILE = "run_config.json"
 RESULT_FILE = "result.json"
+BASE_FILE = "base_fingerprint.json"  # the fingerprint of the base weights the run trains on
 # Keys that may differ between a run and its rerun: how and where it runs, not what it trains.
 MAY_CHANGE = ("workers.", "deepspeed.", "tracking.", "train.eval_", "train.log_every", "train.checkpoint_every",
               "train.keep_checkpoints", "data.test", "data.task", "method.svd_cache")
@@ -100,10 +108,29 @@ def write_run_config(cfg) -> None:
         write_json_atomic(path, recorded_config(cfg))
 
 
+def recorded_base(run_dir: Path) -> Fingerprint | None:
+    """The base the run in `run_dir` trained on, as base_fingerprint.json records it (None: not recorded)."""
+    try:
+        return Fingerprint.from_dict(json.loads((Path(run_dir) / BASE_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def record_base(run_dir: Path, base: Fingerprint, replace: bool) -> None:
+    """Rank 0, at set-up: the base this session trains on (checked against the run's record when
+    resuming). `replace`: the run starts from step 0, so whatever an earlier attempt recorded goes."""
+    from pipeline.paths import write_json_atomic
+
+    path = Path(run_dir) / BASE_FILE
+    if replace or not path.is_file():
+        write_json_atomic(path, base.to_dict())
+
+
 def check_rerun(cfg, fresh: bool = False) -> FolderState:
-    """Before anything starts or is written: refuse a changed config (ValueError naming the keys),
-    and with `fresh` clear the folder of a previous run of the same config (printing what was
-    done). Returns the state the command must act on ("finished": train nothing)."""
+    """Before anything starts or is written: refuse a changed config (ValueError naming the keys)
+    or other base weights than the run's (pipeline.fingerprint.BaseMismatchError, a ValueError), and
+    with `fresh` clear the folder of a previous run of the same config (printing what was done).
+    Returns the state the command must act on ("finished": train nothing)."""
     state = folder_state(cfg)
     if state.kind != "new" and state.differences:
         what = ("an interrupted run made with another config", "keep its config to resume it, or choose")
@@ -111,6 +138,9 @@ def check_rerun(cfg, fresh: bool = False) -> FolderState:
             what = ("a finished run made with another config", "choose")
         raise ValueError(f"{state.run_dir} holds {what[0]} ({'; '.join(state.differences)}); {what[1]} another "
                          f"name to train with these settings (--set name=...)")
+    recorded = recorded_base(state.run_dir) if state.kind != "new" and not fresh else None
+    if recorded is not None:  # the same config on other weights would be a silently different run
+        check_same_base(cfg.model.path, recorded, fingerprint(cfg.model.path), str(state.run_dir / BASE_FILE))
     if not fresh or state.kind == "new":
         return state
     if state.kind == "finished":

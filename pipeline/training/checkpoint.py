@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover
     np = None
 
 from pipeline.logs import log
+from pipeline.run_folder import recorded_base
 from pipeline.training.distributed import rank_and_world
 from pipeline.training.reshard import read_layout, write_layout
 from pipeline.training.strategy import strategy_of_stage
@@ -38,7 +39,9 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
                     keep: int | None = None, switch_at: tuple[int, ...] = (), run_id: str | None = None) -> None:
     """A DeepSpeed checkpoint (module incl. the TSD buffers, optimizer, schedule) plus the data
     position and this rank's RNG state (dropout), so a resumed run continues bit for bit; and
-    the tag's layout (world size, batch settings), so it can resume on another world size."""
+    the tag's layout (world size, batch settings, the base weights' fingerprint from the run
+    folder's record: pipeline.run_folder.record_base), so it can resume on another world size
+    and a resume can check it rebuilds the same base."""
     tag = f"step{step}"
     rank, world = rank_and_world()
     (ckpt_dir / tag).mkdir(parents=True, exist_ok=True)
@@ -59,8 +62,10 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, micro_index: int, sched_s
         exclude_frozen_parameters=True,
     )
     if rank == 0:
+        base = recorded_base(ckpt_dir.parent)
         write_layout(ckpt_dir / tag, world, engine.train_micro_batch_size_per_gpu(),
-                     engine.gradient_accumulation_steps(), run_id, strategy_of_stage(engine.zero_optimization_stage()))
+                     engine.gradient_accumulation_steps(), run_id, strategy_of_stage(engine.zero_optimization_stage()),
+                     base.to_dict() if base else None)
         pending = ckpt_dir / "latest.tmp"
         pending.write_text(tag)
         os.replace(pending, ckpt_dir / "latest")

@@ -44,6 +44,7 @@ class Layout:
     grad_accum: int | None = None
     mlflow_run_id: str | None = None  # the MLflow run the checkpoint belongs to (a rerun continues it)
     strategy: str = "zero3"  # how the weights were spread (pipeline.training.strategy); older tags: ZeRO-3
+    base: dict | None = None  # the base weights' fingerprint (pipeline.fingerprint); older tags: None
 
     @property
     def global_batch(self) -> int | None:
@@ -53,11 +54,12 @@ class Layout:
 
 
 def write_layout(tag_dir: Path, world: int, micro_batch_size: int, grad_accum: int,
-                 mlflow_run_id: str | None = None, strategy: str = "zero3") -> None:
-    """Rank 0, after every rank's files of the tag are complete (written before `latest` moves)."""
+                 mlflow_run_id: str | None = None, strategy: str = "zero3", base: dict | None = None) -> None:
+    """Rank 0, after every rank's files of the tag are complete (written before `latest` moves).
+    `base`: the fingerprint of the base weights the tag's training ran on (a resume checks it)."""
     tmp = tag_dir / f".{LAYOUT_FILE}.tmp"
     tmp.write_text(json.dumps({"world_size": world, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum,
-                               "mlflow_run_id": mlflow_run_id, "strategy": strategy}))
+                               "mlflow_run_id": mlflow_run_id, "strategy": strategy, "base_fingerprint": base}))
     tmp.replace(tag_dir / LAYOUT_FILE)
 
 
@@ -68,7 +70,7 @@ def read_layout(tag_dir: Path) -> Layout:
         try:
             raw = json.loads(path.read_text())
             return Layout(int(raw["world_size"]), int(raw["micro_batch_size"]), int(raw["grad_accum"]),
-                          raw.get("mlflow_run_id"), str(raw.get("strategy", "zero3")))
+                          raw.get("mlflow_run_id"), str(raw.get("strategy", "zero3")), raw.get("base_fingerprint"))
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"checkpoint {tag_dir}: {LAYOUT_FILE} is unreadable ({e})") from None
     ranks = len(list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")))
