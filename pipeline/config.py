@@ -26,6 +26,7 @@ from pydantic import (AfterValidator, BeforeValidator, ConfigDict, StrictBool, S
 from pydantic.dataclasses import dataclass
 
 from pipeline.model_task import HEAD_MODULES
+from pipeline.precision import contradiction
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import sqlite_path
 from tsd.config import TSDConfig, TSDConfigError
@@ -90,7 +91,11 @@ class ModelConfig:
     # seq_cls: a classification head on the model (the paper's GLUE setting; data rows text/label).
     task: Literal["causal_lm", "seq_cls"] = "causal_lm"
     num_labels: OptionalCount = None  # seq_cls: classes; None: as many as data.train has
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # weights as loaded
+    # The weights as loaded; auto: the training precision's (train.precision), see pipeline/precision.py.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Attention kernel, passed to transformers; auto: transformers' choice (sdpa where the
+    # architecture supports it, else eager). flash_attention_2 needs the flash-attn package and a GPU.
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
     trust_remote_code: Flag = False
 
 
@@ -173,7 +178,11 @@ class TrainConfig:
     epochs: PositiveNumber = 3.0  # even with max_steps set: a negative epoch count is a typo
     max_steps: OptionalCount = None  # optimizer steps; overrides epochs when set
     grad_clip: Annotated[Number, _must_be(">= 0 (0: no clipping)", lambda v: v >= 0)] = 1.0  # DeepSpeed clips when > 0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 on a GPU that has it, else fp32; decided with model.dtype (pipeline/precision.py).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # Recompute each layer's activations in the backward pass instead of keeping them (transformers'
+    # gradient checkpointing, non-reentrant): activation memory of one layer, not all, for ~30% more compute.
+    gradient_checkpointing: Flag = False
     seed: Annotated[Integer, _must_be(f"in [0, {2**32 - 1}]", lambda v: 0 <= v < 2**32)] = 42  # numpy's range (random, torch: too)
     log_every: Count = 1  # the loop logs on step % log_every: 0 would divide by zero
     checkpoint_every: OptionalCount = None  # optimizer steps; None: only at the end
@@ -284,6 +293,9 @@ class RunConfig:
         if self.train.dash_lr_scale != 1.0 and self.method.method not in ("dash", "tsd"):
             raise ConfigError(f"train.dash_lr_scale: only for methods dash and tsd (it sets the dash scalars' "
                               f"rate); method is {self.method.method!r}")
+        precision_problem = contradiction(self.train.precision, self.model.dtype)
+        if precision_problem:
+            raise ConfigError(precision_problem)
         if self.model.num_labels is not None and self.model.task != "seq_cls":
             raise ConfigError("model.num_labels: only for model.task seq_cls (a classification head)")
         try:

@@ -258,6 +258,7 @@ def test_steady_training_reads_the_device_once_per_optimizer_step(tmp_path):
     cfg["method"].update(method="tsd", switch_step=2)
     cfg["train"].update(max_steps=7, grad_accum=2, log_every=1)
     cfg["deepspeed"].update(config=str(ROOT / "configs/deepspeed/zero3.json"), strategy="zero3")
+    cfg["model"]["attn_implementation"] = "eager"  # through the partitioned (ZeRO-3) load too
     cfg["tracking"]["offline"] = True
     cfg["workers"].update(num_workers=1)
     path = tmp_path / "cfg.yaml"
@@ -268,6 +269,11 @@ def test_steady_training_reads_the_device_once_per_optimizer_step(tmp_path):
     proc = run_group([sys.executable, str(ROOT / "tests/dist/count_host_syncs.py"), str(path), str(out)], cwd=ROOT,
                      env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Precision left auto: fp32 on a CPU, and recorded as written for a rerun to compare.
+    assert "precision fp32, weights float32 (auto: CPU)" in proc.stderr
+    recorded = json.loads((tmp_path / "runs/syncs/run_config.json").read_text())
+    assert (recorded["train"]["precision"], recorded["model"]["dtype"]) == ("auto", "auto")
+    assert "attention eager" in proc.stderr
     windows = json.loads(out.read_text())["windows"]
     assert [w[0] for w in windows] == list(range(1, 8))
     # Step k's window: its training, bookkeeping and switches. Step 1's also holds the set-up;

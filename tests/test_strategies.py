@@ -86,6 +86,9 @@ def runs(tmp_path_factory):
         cfg["deepspeed"].update(config=str(ROOT / "configs/deepspeed/default.json"), strategy=strategy)
         cfg["method"].update(method=method, switch_step=2, dropout=dropout)
         cfg["train"].update(max_steps=6, warmup_steps=2, checkpoint_every=1, keep_checkpoints=None)
+        # ZeRO-2 and ddp recompute activations (dropout on, through both switches and the resumes):
+        # they must still train what ZeRO-3 trains without.
+        cfg["train"]["gradient_checkpointing"] = strategy != "zero3"
         cfg["tracking"].update(offline=True)
         proc = train_config(cfg, wd, nproc, copy_from, stop_at)
         if not expect_ok:
@@ -125,6 +128,7 @@ def test_strategy_trains_what_zero3_trains(runs, method, strategy):
     requested = "auto" if (method, strategy) == ("tsd", "ddp") else strategy
     got = runs(method, requested, name=f"{method}-{strategy}")
     assert f"strategy {strategy}: " in runs.logs[f"{method}-{strategy}.log"]
+    assert "gradient checkpointing on" in runs.logs[f"{method}-{strategy}.log"]
     if requested == "auto":
         assert "strategy ddp: fastest that fits" in runs.logs[f"{method}-{strategy}.log"]
     assert_same_training(got, runs(method, "zero3"), method)

@@ -96,10 +96,25 @@ def set_master_copy(param: torch.Tensor, value: torch.Tensor) -> None:
     optimizer step computes from the stale master copy and silently undoes the edit. Without
     a master copy (plain data parallel in fp32, one process) there is nothing to do; stage 0 in
     16 bits keeps masters this cannot reach (pipeline.training.engine.refresh_master_copies)."""
-    if master_copy_reachable(param):
-        from deepspeed.utils import safe_set_full_fp32_param  # deferred: tsd/ runs without DeepSpeed
+    if not master_copy_reachable(param):
+        return
+    # Deferred: tsd/ runs without DeepSpeed.
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
 
+    if not is_partitioned(param):
         safe_set_full_fp32_param(param, value.to(torch.float32))
+        return
+    # ZeRO-3: this rank's slice, padded as ZeRO-3 pads the last one. DeepSpeed's full setter
+    # (0.19.8) cuts past the end of the value on the last rank whenever the world size does not
+    # divide the parameter's size (3 ranks and an r x 4096 factor, say) and raises.
+    n = param.ds_tensor.numel()
+    group = getattr(param, "ds_process_group", None)
+    start = (dist.get_rank(group) if dist.is_initialized() else 0) * n
+    flat = value.detach().reshape(-1).to(torch.float32)
+    local = torch.zeros(n, dtype=torch.float32, device=flat.device)
+    piece = flat[start : start + n]
+    local[: piece.numel()] = piece
+    safe_set_local_fp32_param(param, local)
 
 
 def master_copy_reachable(param: torch.Tensor) -> bool:

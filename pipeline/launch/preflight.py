@@ -7,6 +7,7 @@ instead of a worker traceback minutes later. `tsd train` and `pipeline.launch.wo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 from pathlib import Path
@@ -21,6 +22,7 @@ from pipeline.evaluate import row_format
 from pipeline.data.loader import class_names
 from pipeline.logs import log
 from pipeline.model_task import model_class
+from pipeline.precision import settle as settle_precision
 from pipeline.tracking.registry import model_registry_problem
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.training.engine import read_deepspeed_json
@@ -62,12 +64,34 @@ def _check_model(cfg: RunConfig) -> None:
     except Exception as e:  # a broken or unsupported config.json: any library error, named once
         first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"model.path: {path / 'config.json'} cannot be used: {type(e).__name__}: {first}") from None
+    _check_kernels(cfg, model)
     try:
         inject(model, cfg.method.tsd())  # raises TargetError (no match, r or s too large) before changing anything
     except ValueError as e:
         msg = str(e)
         key = "" if msg.startswith("targets") else "num_directions: " if "num_directions" in msg else "r: " if " r=" in msg else "targets: "
         raise ConfigError(f"method.{key}{msg} (model {path})") from None
+
+
+def _check_kernels(cfg: RunConfig, model) -> None:
+    """model.attn_implementation and train.gradient_checkpointing are possible for this
+    architecture (asked of the model built on the meta device) and this installation."""
+    name, kernel = type(model).__name__, cfg.model.attn_implementation
+    if cfg.train.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {name} does not support gradient checkpointing in "
+                          f"transformers; set it to false")
+    if kernel == "sdpa" and not getattr(model, "_supports_sdpa", True):
+        raise ConfigError(f"model.attn_implementation: {name} has no sdpa attention in transformers; use eager or auto")
+    if kernel == "flash_attention_2":
+        if not getattr(model, "_supports_flash_attn", getattr(model, "_supports_flash_attn_2", False)):
+            raise ConfigError(f"model.attn_implementation: {name} has no flash_attention_2 in transformers; "
+                              f"use sdpa, eager or auto")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install "
+                              "flash-attn, on a CUDA machine); or use sdpa / auto")
+        if not (cfg.workers.use_gpu or torch.cuda.is_available()):
+            raise ConfigError("model.attn_implementation: flash_attention_2 runs on GPUs only; set workers.use_gpu: "
+                              "true, or use sdpa / auto")
 
 
 def _check_data(cfg: RunConfig) -> int:
@@ -136,6 +160,9 @@ def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None
     if cfg.deepspeed.strategy != "auto" and isinstance(stage, int) and stage != STAGES[cfg.deepspeed.strategy]:
         raise ValueError(f"deepspeed.strategy: {cfg.deepspeed.strategy} contradicts zero_optimization.stage {stage} "
                          f"in {cfg.deepspeed.config}; set one of them (the stage to \"auto\")")
+    # The precision settings agree (the hardware's default is settled on the workers).
+    on_gpu = cfg.workers.use_gpu or torch.cuda.is_available()
+    settle_precision(cfg, read_deepspeed_json(cfg), cfg.deepspeed.config, on_gpu, on_gpu)
     _check_model(cfg)
     n = _check_data(cfg)
     optimizer_steps(cfg, n, world or cfg.workers.num_workers)  # data enough for a step; the switch fits

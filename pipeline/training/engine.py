@@ -138,12 +138,13 @@ def load_model(cfg: RunConfig, ds_config: dict, labels: list[str] | None = None)
     if classifier:
         head_config(config, len(labels), labels, tokenizer.pad_token_id)
     new = list(HEAD_MODULES) if classifier else []  # not in the pretrained files
+    kernel = {} if cfg.model.attn_implementation == "auto" else {"attn_implementation": cfg.model.attn_implementation}
     if ds_config["zero_optimization"]["stage"] != 3:
-        model = auto.from_pretrained(str(path), config=config, dtype=dtype, trust_remote_code=remote)
+        model = auto.from_pretrained(str(path), config=config, dtype=dtype, trust_remote_code=remote, **kernel)
     else:
         try:
             weight_files(path)  # safetensors: each rank reads only its slices (no whole copy on rank 0)
-            model = auto.from_config(config, dtype=dtype, trust_remote_code=remote)
+            model = auto.from_config(config, dtype=dtype, trust_remote_code=remote, **kernel)
             load_partitioned(model, path, new_modules=new)
             if (path / "generation_config.json").is_file() and not classifier:
                 model.generation_config = GenerationConfig.from_pretrained(str(path))
@@ -151,11 +152,26 @@ def load_model(cfg: RunConfig, ds_config: dict, labels: list[str] | None = None)
         except CannotLoadPartitioned as why:
             log(f"WARNING: loading {path} through transformers' ZeRO-3 path, where rank 0 holds the whole model "
                 f"while loading: {why}")
-            model = auto.from_pretrained(str(path), config=config, dtype=dtype, trust_remote_code=remote)
+            model = auto.from_pretrained(str(path), config=config, dtype=dtype, trust_remote_code=remote, **kernel)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if classifier:
         heads = init_head(model, cfg.train.seed)
         log(f"classification head {', '.join(heads)} over {len(labels)} classes, started from seed {cfg.train.seed}")
     return model, tokenizer, hf_ds
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """transformers' gradient checkpointing, non-reentrant: each layer's activations are recomputed
+    in the backward pass. Non-reentrant because the reentrant form needs an input that requires
+    grad (a frozen embedding under LoRA gives none: no gradient would reach the adapters) and
+    cannot follow ZeRO-3's parameter hooks; it also restores the RNG, so dropout draws the same
+    mask when a layer is recomputed."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                         f"checkpointing in transformers; set it to false")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log("gradient checkpointing on: each layer's activations are recomputed in the backward pass")
 
 
 def assert_partitioned(model) -> None:

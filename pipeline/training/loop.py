@@ -30,12 +30,14 @@ from pipeline.evaluate import evaluate_after_training
 from pipeline.logs import log, setup_logging
 from pipeline.model_task import PEFT_TASK_TYPE
 from pipeline.paths import write_json_atomic
-from pipeline.run_folder import RESULT_FILE, write_run_config
+from pipeline.precision import settle as settle_precision, with_precision
+from pipeline.run_folder import RESULT_FILE, record_base, write_run_config
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.registry import register_adapter
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import client, close_run, start_or_continue_run
 from pipeline.training import rank_failure
+from pipeline.training.base_check import check_base
 from pipeline.training.checkpoint import (choose_resume_tag, rebuild_after_resume, restore_rng, save_checkpoint,
                                          weights_only_checkpoint_engine)
 from pipeline.training.distributed import bind_device, leave_process_group, prefer_interpreter_tools, rank_and_world
@@ -193,12 +195,18 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
 
     memory = PhaseMemory()
     memory.enter("load")
+    given = cfg
+    cfg, precision = settle_precision(cfg, read_deepspeed_json(cfg), cfg.deepspeed.config, torch.cuda.is_available(),
+                                      torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    log(precision)
     # The checkpoint to resume from is chosen before the engine exists: it fixes the strategy
     # (a checkpoint is laid out for one), and one written by another number of ranks changes
     # train.grad_accum (the same global batch), hence the engine's config.
     bf16 = deepspeed_config(cfg).get("bf16", {}).get("enabled") is True
     tag = choose_resume_tag(cfg.run_dir.resolve() / "checkpoints", rank, world, bf16=bf16)
     saved = read_layout(cfg.run_dir.resolve() / "checkpoints" / tag) if tag else None
+    # Before any weight is read: every node's copy of model.path is the same, and the checkpoint's base.
+    base = check_base(cfg.model.path, cfg.run_dir.resolve(), tag, saved, nodes)
     strategy = decide_strategy(cfg, world, saved)
     roomy = True
     if strategy == "zero3":
@@ -218,7 +226,8 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     torch.manual_seed(cfg.train.seed)
     injection = inject(model, cfg.method.tsd())
     how = f"partitioned over {world} rank(s)" if strategy == "zero3" else f"whole on each of {world} rank(s)"
-    log(f"model {cfg.model.path} loaded {how} in {time.perf_counter() - t0:.1f}s; {injection}")
+    attention = getattr(model.config, "_attn_implementation", None) or "the model's own"
+    log(f"model {cfg.model.path} loaded {how} in {time.perf_counter() - t0:.1f}s, attention {attention}; {injection}")
 
     dataset = TokenizedLabelled(cfg.data, tokenizer, classes) if classes else TokenizedTasks(cfg.data, tokenizer)
     total_steps = optimizer_steps(cfg, len(dataset), world)
@@ -241,10 +250,12 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
 
     log(f"{world} rank(s) on {len(nodes)} node(s): " + "; ".join(f"{n.label()} ranks {n.ranks}" for n in nodes))
     tracker.set_tags({"hosts": ",".join(n.label() for n in nodes), "nodes": str(len(nodes)), "world_size": str(world),
-                      "strategy": strategy})
+                      "strategy": strategy, "precision": cfg.train.precision})
     if rank == 0:
         cfg.run_dir.resolve().mkdir(parents=True, exist_ok=True)
-        write_run_config(cfg)  # a rerun compares its config with this one (pipeline.run_folder)
+        # A rerun compares its config with this one (pipeline.run_folder): the precision as the user wrote it.
+        write_run_config(with_precision(cfg, given.train.precision, given.model.dtype))
+        record_base(cfg.run_dir.resolve(), base, replace=tag is None)  # every later checkpoint tag carries it
         write_json_atomic(cfg.run_dir.resolve() / "nodes.json", node_table(nodes))
         tracker.log_artifact(cfg.run_dir.resolve() / "nodes.json", "nodes")
     tracker.log_dict(cfg.to_dict(), "config/run_config.json")
