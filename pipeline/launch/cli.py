@@ -55,12 +55,16 @@ _POSITIVE, _NON_NEGATIVE = _count(1), _count(0)
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.launch.driver import run
+    from pipeline.launch.job_env import ENV_FILE, load_env_file
     from pipeline.launch.preflight import preflight
     from pipeline.paths import resolve_paths
     from pipeline.tracking.store import resolve_tracking_uri
 
     from pipeline.run_folder import check_rerun, finished_line
 
+    loaded = load_env_file()  # a Ray job's secrets: $TSD_ENV_FILE, not the job's visible runtime env
+    if loaded:
+        print(f"[tsd] {', '.join(loaded)} set from ${ENV_FILE}")
     cfg = resolve_paths(load_config(args.config, args.set))
     preflight(cfg)  # before Ray starts and before anything is written (the default store's folder included)
     state = check_rerun(cfg, fresh=args.fresh)  # a changed config is refused; --fresh clears the folder

@@ -24,6 +24,7 @@ from ray.train import FailureConfig, RunConfig as RayRunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from pipeline.config import RunConfig, from_dict
+from pipeline.launch.job_env import ENV_FILE, load_env_file
 from pipeline.logs import log
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import close_run, start_or_continue_run
@@ -34,6 +35,7 @@ from pipeline.training.loop import WorkerContext, train
 def _train_fn(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the same loop as every other launcher."""
     os.chdir(loop_config["cwd"])
+    load_env_file()  # secrets from $TSD_ENV_FILE (pipeline.launch.job_env), never through Ray's runtime env
     cfg = from_dict(loop_config["config"], "driver")
     tracking_uri = loop_config["tracking_uri"]
     if tracking_uri is not None and not isinstance(tracking_uri, str):  # an object ref: see run()
@@ -76,9 +78,10 @@ def _connect(cfg: RunConfig) -> bool:
     # Ray Train turns a worker's print() into a log record on a console handler of its own, and
     # the worker's stderr reaches the driver too: every printed line would show twice.
     env_vars = {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}
-    if not env_vars["DS_ACCELERATOR"]:
-        del env_vars["DS_ACCELERATOR"]
+                "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", ""), ENV_FILE: os.environ.get(ENV_FILE, "")}
+    for key in ("DS_ACCELERATOR", ENV_FILE):
+        if not env_vars[key]:
+            del env_vars[key]  # the secrets file's PATH travels; the workers read the values themselves
     # The reliability tests' injected faults (pipeline.training.faults) reach the workers too.
     env_vars.update({k: v for k, v in os.environ.items() if k.startswith("TSD_INJECT_")})
     # Inside a Ray job, Ray refuses a key the job's own runtime env sets as well; those reach
