@@ -97,6 +97,10 @@ class ModelConfig:
     # architecture supports it, else eager). flash_attention_2 needs the flash-attn package and a GPU.
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
     trust_remote_code: Flag = False
+    # ZeRO-3 reads each rank's slices of the weight files itself. A folder it cannot read that way
+    # (.bin weights; names transformers renames or fuses at load, e.g. Mixtral's experts) would be
+    # loaded whole on rank 0 by transformers first: refused by name unless this allows it.
+    allow_whole_load: Flag = False
 
 
 @dataclass(config=_SECTION_RULES, frozen=True)
@@ -111,6 +115,9 @@ class DataConfig:
     cutoff_len: Count = 256
     train_on_inputs: Flag = True  # LLM-Adapters' default: the loss covers the prompt too
     limit: OptionalCount = None  # use the first N training rows (demos, smoke tests)
+    # Where the tokenized training set is cached (pipeline/data/cache.py): None is <output_dir>/data-cache,
+    # on the disk every node shares (tokenized once per job); a node-local folder: once per node.
+    cache_dir: Text | None = None
 
     def test_sets(self) -> dict[str, str]:
         """{task: path} of the test sets, in the order given."""

@@ -150,8 +150,13 @@ def load_model(cfg: RunConfig, ds_config: dict, labels: list[str] | None = None)
                 model.generation_config = GenerationConfig.from_pretrained(str(path))
             model.eval()  # as from_pretrained leaves it; the loop switches to training mode
         except CannotLoadPartitioned as why:
+            if not cfg.model.allow_whole_load:
+                raise ValueError(f"model.path: {path} cannot be loaded slice by slice under ZeRO-3 ({why}); "
+                                 f"transformers would load the whole model on rank 0 first. Convert the folder to "
+                                 f"safetensors under the model's own parameter names, or set "
+                                 f"model.allow_whole_load: true if rank 0 has the memory") from None
             log(f"WARNING: loading {path} through transformers' ZeRO-3 path, where rank 0 holds the whole model "
-                f"while loading: {why}")
+                f"while loading (model.allow_whole_load): {why}")
             model = auto.from_pretrained(str(path), config=config, dtype=dtype, trust_remote_code=remote, **kernel)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)

@@ -18,7 +18,8 @@ from tsd.partition import gathered
 model_dir, out = sys.argv[1], Path(sys.argv[2])
 deepspeed.init_distributed(dist_backend="gloo")
 torch.set_num_threads(1)
-cfg = from_dict({"model": {"path": model_dir}, "data": {"train": "unused.json"}})
+cfg = from_dict({"model": {"path": model_dir, "allow_whole_load": "--allow-whole-load" in sys.argv},
+                 "data": {"train": "unused.json"}})
 ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
       "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "steps_per_print": 10**9}
 model, _, keep = load_model(cfg, ds)
