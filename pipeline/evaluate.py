@@ -54,14 +54,16 @@ from pipeline.data.tasks import (
     response_text,
 )
 from pipeline.config import RunConfig
+from pipeline.file_checks import check_adapter_folder, check_model_folder
 from pipeline.logs import log
 from pipeline.model_task import HEAD_MODULES, head_config, task_of_folder
+from pipeline.precision import weights_dtype
 from pipeline.training.distributed import bind_device, leave_process_group, rank_and_world
 from pipeline.training.engine import release_training_state
 from pipeline.training.memory import release_freed_heap, whole_model_fits
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
-from pipeline.tracking.store import DB_FILE, resolve_tracking_uri
+from pipeline.tracking.store import DB_FILE, check_reachable, resolve_tracking_uri
 from tsd import collectives
 from tsd.export import SIDECAR, apply_state, load_adapter, read_sidecar
 from tsd.partition import is_partitioned
@@ -373,7 +375,7 @@ def unpartitioned_copy(cfg: RunConfig, state: dict):
     unset_hf_deepspeed_config()  # from here on from_pretrained must not partition
     full = cfg.method.method == "full"  # the exported fine-tuned model itself, no adapter
     model = AutoModelForCausalLM.from_pretrained(str(cfg.run_dir.resolve() / "model") if full else cfg.model.path,
-                                                 dtype=getattr(torch, cfg.model.dtype),
+                                                 dtype=getattr(torch, weights_dtype(cfg)),
                                                  trust_remote_code=cfg.model.trust_remote_code)
     if not full:
         apply_state(model, cfg.method.tsd(), state)
@@ -464,6 +466,8 @@ def load_model(model_dir: str | os.PathLike | None, adapter_dir: str | os.PathLi
     adapter = Path(adapter_dir) if adapter_dir else None
     if adapter is not None and not adapter.is_dir():
         raise FileNotFoundError(f"--adapter: {adapter} is not a folder")
+    if adapter is not None:
+        check_adapter_folder(adapter, "--adapter")  # truncated or garbage files: named, before any library reads them
     if model_dir is None:
         model_dir = _recorded_base(adapter) if adapter is not None else None
         if not model_dir:
@@ -471,6 +475,7 @@ def load_model(model_dir: str | os.PathLike | None, adapter_dir: str | os.PathLi
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model: {path} is not a Hugging Face model folder (no config.json)")
+    check_model_folder(path, "--model")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype: {dtype!r} is not one of float32, bfloat16, float16")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -578,6 +583,8 @@ def run_evaluation(
             device = f"cuda:{torch.cuda.current_device()}"
         uri = tracking_uri or default_tracking_uri()
         if run_id:  # before hours of generation, not after (every rank checks: none is left waiting)
+            check_reachable(uri, "--tracking-uri" if tracking_uri else "$MLFLOW_TRACKING_URI",
+                            "start it, or fix the URI, or leave out --run-id to evaluate without logging")
             if not RunLogger(uri, run_id).verify():
                 raise ValueError(f"--run-id {run_id}: no such MLflow run at {mask_secrets(uri)} (see the warning above)")
         mdl, tok = load_model(model, adapter, dtype=dtype, device=device)

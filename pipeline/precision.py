@@ -68,6 +68,19 @@ def settle(cfg: Any, ds_json: dict, json_path: str, on_gpu: bool, gpu_has_bf16: 
         f"precision {precision}, weights {PRECISION_DTYPE[precision]} ({why})"
 
 
+def weights_dtype(cfg: Any) -> str:
+    """The dtype the weights load in: model.dtype, else train.precision's pair, else the hardware's
+    default (what `settle` would choose without a DeepSpeed JSON); for callers given a config
+    that was not settled (tests, tools)."""
+    if cfg.model.dtype != "auto":
+        return cfg.model.dtype
+    if cfg.train.precision != "auto":
+        return PRECISION_DTYPE[cfg.train.precision]
+    import torch  # deferred: the config layer imports this module without needing torch
+
+    return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+
+
 def with_precision(cfg: Any, precision: str, dtype: str) -> Any:
     """`cfg` with train.precision and model.dtype replaced (e.g. the settled config's values put
     back to the user's `auto` where the config is recorded for a rerun to compare against)."""

@@ -281,3 +281,43 @@ def test_steady_training_reads_the_device_once_per_optimizer_step(tmp_path):
     steady = {w[0]: w[1:] for w in windows if w[0] not in (1, 2, 4)}
     assert all(len(reads) <= 1 for reads in steady.values()), steady
     assert len({tuple(reads) for reads in steady.values()}) == 1, steady  # the same one read every step
+
+
+# ----------------------------------------------------------------------------- the GPU's random generator
+def test_the_bound_gpus_generator_is_saved_and_restored_onto_the_bound_gpu(tmp_path, monkeypatch):
+    """Only this rank's GPU (asking every visible GPU opens a CUDA context on each, from every
+    rank of the node); restored onto the GPU bound now, and an older checkpoint's `cuda.<i>` of
+    that GPU is read too. CUDA is mocked: a state per device, and the calls recorded."""
+    from safetensors.torch import save_file
+
+    from pipeline.training.checkpoint import restore_rng, rng_state
+
+    states = {i: torch.full((8,), i, dtype=torch.uint8) for i in range(4)}
+    calls, bound = [], {"device": 2}
+
+    def get_rng_state(device="cuda"):
+        calls.append(("get", device))
+        return states[bound["device"] if device == "cuda" else torch.device(device).index or device]
+
+    def set_rng_state(state, device="cuda"):
+        calls.append(("set", device, int(state[0])))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: bound["device"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    tensors, meta = rng_state()
+    assert calls == [("get", "cuda")] and torch.equal(tensors["cuda"], states[2])
+    assert not any(k.startswith("cuda.") for k in tensors)
+    save_file(tensors, str(tmp_path / "rng_rank0.safetensors"), metadata=meta)
+    calls.clear()
+    bound["device"] = 1  # the same rank bound to another index after a restart: its own stream follows it
+    restore_rng(tmp_path)
+    assert calls == [("set", "cuda", 2)]
+    # an older checkpoint: every visible GPU's generator as cuda.<i>; the bound GPU's is restored
+    old = {k: v for k, v in tensors.items() if k != "cuda"} | {f"cuda.{i}": s for i, s in states.items()}
+    save_file(old, str(tmp_path / "rng_rank0.safetensors"), metadata=meta)
+    calls.clear()
+    restore_rng(tmp_path)
+    assert calls == [("set", "cuda", 1)]

@@ -187,7 +187,7 @@ def test_each_rank_loads_only_its_slices_and_gets_the_files_weights(tmp_path, la
     from pipeline.data.synthetic import make_model_dir
 
     mdir = make_model_dir(tmp_path / "m", texts=["a b c d e f g h i j k l m n o p q"], hidden_size=40,
-                          intermediate_size=50, max_shard_size="20KB")
+                          intermediate_size=50, max_shard_size="20KB", tie_word_embeddings=True)
     files = sorted(mdir.glob("model*.safetensors"))
     assert len(files) > 1
     want = {}
@@ -210,6 +210,6 @@ def test_each_rank_loads_only_its_slices_and_gets_the_files_weights(tmp_path, la
     assert not info["training"]
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
-    if "lm_head.weight" not in want:  # tied: the output layer is the embedding
-        assert torch.equal(got["lm_head.weight"], want["model.embed_tokens.weight"])
+    assert "lm_head.weight" not in want  # tied: the files hold the embedding once,
+    assert torch.equal(got["lm_head.weight"], want["model.embed_tokens.weight"])  # and the output layer is it
     assert max(info["local"].values()) < max(t.numel() for t in want.values())

@@ -95,6 +95,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from pipeline.data.tasks import collate
+    from pipeline.precision import weights_dtype
     from pipeline.training.engine import lr_lambda_factory
 
     rank = int(os.environ.get("RANK", "0"))
@@ -135,7 +136,7 @@ def main() -> None:
         return batch
 
     torch.manual_seed(cfg.train.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(cfg.model.path), dtype=getattr(torch, cfg.model.dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.model.path), dtype=getattr(torch, weights_dtype(cfg)))
     m = cfg.method
     model = get_peft_model(model, LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,
                                              target_modules=list(m.targets), task_type="CAUSAL_LM"))

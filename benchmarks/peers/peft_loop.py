@@ -37,6 +37,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from pipeline.data.tasks import collate
+    from pipeline.precision import weights_dtype
     from pipeline.training.engine import lr_lambda_factory
 
     torch.set_num_threads(args.threads)
@@ -45,7 +46,7 @@ def main() -> None:
     ds = D.dataset_of(cfg, tok)
     steps = D.step_batches(len(ds), cfg.train.seed, 1, args.global_batch, args.steps)
     torch.manual_seed(cfg.train.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(cfg.model.path), dtype=getattr(torch, cfg.model.dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(cfg.model.path), dtype=getattr(torch, weights_dtype(cfg)))
     m = cfg.method
     model = get_peft_model(model, LoraConfig(r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout,
                                              target_modules=list(m.targets), task_type="CAUSAL_LM"))

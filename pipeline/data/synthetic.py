@@ -35,6 +35,7 @@ def make_model_dir(
     vocab_size: int | None = None,
     seed: int = 0,
     max_shard_size: str | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Path:
     """Save a random-init LlamaForCausalLM (+ tokenizer) to `path` and return it."""
     path = Path(path)
@@ -51,7 +52,7 @@ def make_model_dir(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

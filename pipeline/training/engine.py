@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline.config import RunConfig
+from pipeline.precision import weights_dtype
 from pipeline.logs import log
 from pipeline.model_task import HEAD_MODULES, head_config, init_head, model_class
 from pipeline.training.partitioned_load import CannotLoadPartitioned, load_partitioned, weight_files
@@ -127,7 +128,7 @@ def load_model(cfg: RunConfig, ds_config: dict, labels: list[str] | None = None)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
     hf_ds = HfDeepSpeedConfig(ds_config)
-    dtype = getattr(torch, cfg.model.dtype)
+    dtype = getattr(torch, weights_dtype(cfg))  # the training loop settles it first (pipeline.precision)
     remote = cfg.model.trust_remote_code
     auto = model_class(cfg.model.task)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=remote)
