@@ -23,10 +23,13 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+from pipeline.errors import ServerUnreachableError
 from pipeline.tracking.secrets import MASK, is_secret_key, mask_secrets
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,6 +123,25 @@ def client(tracking_uri: str) -> MlflowClient:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)  # sqlite will not create folders
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+def check_reachable(uri: str | None, key: str, fix: str, timeout_s: float = 5.0) -> None:
+    """An `http(s)://` tracking server must accept a connection before a command starts its work:
+    MLflow itself retries for minutes, then raises with the URI, password included, in its message.
+    Raises ServerUnreachableError (exit 2) naming `key` (the setting or flag that gave the URI),
+    the masked URI and `fix` (what to do). Other stores (sqlite, files) are local: nothing to reach."""
+    if not uri or not uri.startswith(("http://", "https://")):
+        return
+    parts = urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as e:  # ValueError: a port that is not a number
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise ServerUnreachableError(
+            f"{key}: the MLflow tracking server {mask_secrets(uri)} is not reachable ({mask_secrets(reason)}); {fix}"
+        ) from None
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
