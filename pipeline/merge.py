@@ -41,6 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from pipeline.file_checks import check_adapter_folder, check_model_folder
 from pipeline.training.partitioned_load import CannotLoadPartitioned, weight_files
 
 PEFT_PREFIX = "base_model.model."
@@ -84,6 +85,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         if not (path / name).is_file():
             raise MergeError(f"--adapter: {path} has no {name}; not a PEFT adapter folder (an export writes "
                              f"adapter_config.json and adapter_model.safetensors)")
+    check_adapter_folder(path, "--adapter")  # a truncated or garbage file: named, exit 2
     try:
         config = json.loads((path / "adapter_config.json").read_text())
     except ValueError as e:
@@ -170,6 +172,7 @@ def resolve_base(model: str | os.PathLike | None, adapter: Adapter) -> Path:
     path = Path(model if model is not None else adapter.base)
     if not (path / "config.json").is_file():
         raise MergeError(f"--model: {path} is not a Hugging Face model folder (no config.json)")
+    check_model_folder(path, "--model")  # truncated weights, config or tokenizer files: named, exit 2
     try:
         weight_files(path)
     except CannotLoadPartitioned as e:

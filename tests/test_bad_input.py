@@ -165,7 +165,7 @@ def test_model_config_json_broken(tmp_path, base, capsys):
     (tmp_path / "broken-model").mkdir()
     (tmp_path / "broken-model/config.json").write_text("{not json")
     base["model"]["path"] = str(tmp_path / "broken-model")
-    _assert_clear_error(*_train(tmp_path, base, capsys), "model.path:", "broken-model/config.json cannot be used")
+    _assert_clear_error(*_train(tmp_path, base, capsys), "model.path:", "broken-model/config.json is not valid JSON")
 
 
 def test_deepspeed_config_missing(tmp_path, base, capsys):

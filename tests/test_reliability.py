@@ -90,6 +90,29 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_tag(workdir, full_
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
 
 
+def test_latest_naming_a_path_resumes_from_this_runs_newest_tag(workdir, full_run):
+    """`latest` holding `../x` (issue 25 item 4): a whole later tag planted at `<run>/x` is never
+    loaded; both ranks resume from the run's own newest whole tag (step4) and end with the
+    uninterrupted run's adapter."""
+    name = "latest-path"
+    run = workdir / "runs" / name
+    ckpt = run / "checkpoints"
+    shutil.copytree(workdir / "runs/full/checkpoints", ckpt)
+    shutil.move(ckpt / "step6", run / "x")  # whole, and newer: loading it would skip steps 5 and 6
+    shutil.rmtree(ckpt / "step5")
+    (ckpt / "latest").write_text("../x")
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**full_run, "name": name}))
+    proc = _worker(path)
+    assert f"{ckpt / 'latest'} holds '../x', which is not a checkpoint tag of this run" in proc.stderr
+    assert "resuming from the newest whole checkpoint 'step4' instead" in proc.stderr
+    assert "at optimizer step 4" in proc.stderr
+    want = load_file(str(workdir / "runs/full/adapter/tsd_state.safetensors"))
+    got = load_file(str(run / "adapter/tsd_state.safetensors"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+
+
 def test_resume_never_unpickles_a_planted_checkpoint(workdir, full_run):
     """The latest checkpoint's optimizer file carries a pickled payload (a whole, valid file):
     the resume refuses it by name and the payload never runs."""

@@ -167,6 +167,59 @@ def test_retention_also_keeps_the_first_tag_holding_each_switchs_state(tmp_path)
     assert sorted(d.name for d in ckpt.iterdir() if d.is_dir()) == ["step12", "step3", "step6"]
 
 
+def _whole_tag(tag_dir: Path, run_id: str) -> None:
+    """A tag every check calls whole: one rank's data-parallel files and its layout.json."""
+    from safetensors.torch import save_file
+
+    from pipeline.training.reshard import write_layout
+
+    tag_dir.mkdir(parents=True)
+    torch.save({}, tag_dir / "mp_rank_00_model_states.pt")
+    save_file({"torch": torch.zeros(2)}, str(tag_dir / "rng_rank0.safetensors"))
+    write_layout(tag_dir, 1, 1, 1, run_id, "ddp")
+
+
+@pytest.mark.parametrize("content", ["../x", "{abs}", "step2/../../x", "", "..", "step2\\..\\x", "\x00\x01"])
+def test_latest_holding_a_path_is_treated_like_a_corrupt_one(tmp_path, capsys, content):
+    """`checkpoints/latest` is only ever a tag name of this run: a path (up and out of the run
+    folder, absolute, or through a tag) is refused with its content named, and the resume falls
+    back to the newest whole tag; the whole tag planted outside is never used."""
+    from pipeline.training.checkpoint import choose_resume_tag, prune_checkpoints
+    from pipeline.training.reshard import checkpoint_run_id
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints"
+    for step in (1, 2):
+        _whole_tag(ckpt / f"step{step}", f"run-step{step}")
+    _whole_tag(run / "x", "outside")  # what `../x` and `step2/../../x` reach
+    _whole_tag(tmp_path / "abs", "outside")
+    content = content.replace("{abs}", str(tmp_path / "abs"))
+    (ckpt / "latest").write_text(content)
+    assert choose_resume_tag(ckpt, 0, 1) == "step2"
+    err = capsys.readouterr().err
+    assert f"{ckpt / 'latest'} holds {content.strip()!r}, which is not a checkpoint tag of this run" in err, err
+    assert "resuming from the newest whole checkpoint 'step2' instead" in err, err
+    assert checkpoint_run_id(run) is None  # as for a corrupt `latest`: not the planted run's id
+    assert prune_checkpoints(ckpt, 1) == ["step1"]
+
+
+def test_latest_naming_a_tag_is_read_as_before(tmp_path, capsys):
+    from pipeline.training.checkpoint import choose_resume_tag
+    from pipeline.training.reshard import checkpoint_run_id
+
+    ckpt = tmp_path / "run/checkpoints"
+    for step in (1, 2):
+        _whole_tag(ckpt / f"step{step}", f"run-step{step}")
+    (ckpt / "latest").write_text("step1\n")
+    assert choose_resume_tag(ckpt, 0, 1) == "step1" and checkpoint_run_id(tmp_path / "run") == "run-step1"
+    assert "WARNING" not in capsys.readouterr().err
+    (ckpt / "latest").write_text("../checkpoints/step2")  # inside the folder after all, but a path: refused
+    assert choose_resume_tag(ckpt, 0, 1) == "step2" and checkpoint_run_id(tmp_path / "run") is None
+    (ckpt / "latest").write_text("step9")  # a plain name whose folder is missing: as before, the fallback
+    assert choose_resume_tag(ckpt, 0, 1) == "step2"
+    assert f"the latest checkpoint 'step9' in {ckpt} is incomplete or corrupt" in capsys.readouterr().err
+
+
 def test_cpu_offload_trains_switches_exports_and_resumes_like_the_plain_run(full_run):
     """configs/deepspeed/zero3_offload.json (parameters and optimizer state offloaded to CPU):
     the same LoRA-TSD run through both switches and the export, and a resume after the Init

@@ -10,7 +10,9 @@
   tsd merge --adapter DIR --out DIR [--model BASE] [--max-shard-size 2GB]   the adapter folded into its
                                               base: a plain Hugging Face model folder (vLLM, TGI)
 
-User errors (bad config, missing files, bad arguments) print one clear line and exit 2.
+User errors (bad config, missing, truncated or garbage files, bad arguments, a tracking server that does
+not answer) print one clear line and exit 2 (pipeline.errors); anything else, a bug, its traceback and
+exit 1. Nothing printed shows a password of a URI.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import signal
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
-from pipeline.config import ConfigError
+from pipeline.errors import masked_traceback, user_message
 from pipeline.logs import setup_logging
+from pipeline.tracking.secrets import mask_secrets
 
 # Each command imports the modules it runs, inside its function (deliberately): `tsd --help`,
 # `tsd compare` or `tsd prepare-data` should not pay for importing Ray, the training loop and
@@ -30,7 +33,7 @@ from pipeline.logs import setup_logging
 
 
 def _fail(msg: str) -> int:
-    print(f"tsd: error: {msg}", file=sys.stderr)
+    print(f"tsd: error: {mask_secrets(msg)}", file=sys.stderr)  # a URI in a message never shows its password
     return 2
 
 
@@ -61,18 +64,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.tracking.store import resolve_tracking_uri
 
     from pipeline.run_folder import check_rerun, finished_line
+    from pipeline.run_lock import RunLock
 
     loaded = load_env_file()  # a Ray job's secrets: $TSD_ENV_FILE, not the job's visible runtime env
     if loaded:
         print(f"[tsd] {', '.join(loaded)} set from ${ENV_FILE}")
     cfg = resolve_paths(load_config(args.config, args.set))
     preflight(cfg)  # before Ray starts and before anything is written (the default store's folder included)
-    state = check_rerun(cfg, fresh=args.fresh)  # a changed config is refused; --fresh clears the folder
-    if state.kind == "finished":
-        print(finished_line(state, cfg))
-        return 0
-    uri = resolve_tracking_uri(cfg.tracking.uri, cfg.output_dir)
-    out = run(cfg, uri)
+    # One writer per run folder: the driver holds its lock for the whole job, so Ray Train restarting
+    # the worker group never meets it; a second command on the folder exits 2 (pipeline.run_lock).
+    with RunLock(cfg.run_dir, what="tsd train (Ray driver)"):
+        state = check_rerun(cfg, fresh=args.fresh)  # a changed config is refused; --fresh clears the folder
+        if state.kind == "finished":
+            print(finished_line(state, cfg))
+            return 0
+        uri = resolve_tracking_uri(cfg.tracking.uri, cfg.output_dir)
+        out = run(cfg, uri)
     m = out["metrics"]
     print()
     print(f"[tsd] done: {cfg.name} ({cfg.method.method}, {cfg.workers.num_workers} workers) in {m.get('wall_seconds', 0):.0f}s; "
@@ -90,8 +97,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def run_lines(run_id: str, experiment: str, uri: str) -> list[str]:
     """Where the run is and how to look at it, for humans: any password in `uri` masked (the
     connection itself used the full URI)."""
-    from pipeline.tracking.secrets import mask_secrets
-
     shown = mask_secrets(uri)
     lines = [f"[tsd] MLflow run {run_id} in experiment '{experiment}' at {shown}"]
     if uri.startswith(("http://", "https://")):  # a tracking server serves its own UI
@@ -155,8 +160,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.reports.compare import CompareError, compare_experiment
     from pipeline.evaluate import default_tracking_uri
+    from pipeline.tracking.store import check_reachable
 
     uri = args.tracking_uri or default_tracking_uri()
+    check_reachable(uri, "--tracking-uri" if args.tracking_uri else "$MLFLOW_TRACKING_URI", "start it, or fix the URI")
     try:
         out = compare_experiment(uri, args.experiment, out_dir=args.out, digits=args.digits,
                                  log_run=args.log_run, log_to=args.log_to, loss_window=args.loss_window,
@@ -291,10 +298,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(role={cmd_train: "driver", cmd_prepare_model: "prepare", cmd_prepare_data: "prepare"}.get(args.func, ""))
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
-        return _fail(str(e))
-    except ValueError as e:
-        return _fail(str(e))
+    except Exception as e:
+        # A user error (ConfigError, CorruptFileError, ServerUnreachableError, ...: ValueErrors) or a
+        # library's own broken-file or connection error: one line, exit 2 (pipeline.errors).
+        message = user_message(e)
+        if message is None:  # anything else is a bug: its traceback, secrets masked
+            sys.stderr.write(masked_traceback(e))
+            return 1
+        return _fail(message)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import torch
 from transformers import AutoConfig
@@ -19,12 +17,13 @@ from transformers import AutoConfig
 from pipeline.config import ConfigError, RunConfig, check_paths
 from pipeline.data.tasks import extract_answer, load_many, load_records
 from pipeline.evaluate import row_format
+from pipeline.file_checks import check_model_folder
 from pipeline.data.loader import class_names
 from pipeline.logs import log
 from pipeline.model_task import model_class
 from pipeline.precision import settle as settle_precision
 from pipeline.tracking.registry import model_registry_problem
-from pipeline.tracking.secrets import mask_secrets
+from pipeline.tracking.store import check_reachable
 from pipeline.training.engine import read_deepspeed_json
 from pipeline.training.strategy import STAGES
 from pipeline.training.loop import optimizer_steps
@@ -34,19 +33,8 @@ from tsd.inject import inject
 def check_tracking_reachable(uri: str | None, timeout_s: float = 5.0) -> None:
     """An `http(s)://` tracking server must answer at start-up: fail fast (a clear error, not
     minutes of MLflow retries and a traceback) unless the run is `tracking.offline`."""
-    if not uri or not uri.startswith(("http://", "https://")):
-        return  # sqlite / file stores are local: nothing to reach
-    parts = urlsplit(uri)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout_s):
-            pass
-    except OSError as e:
-        reason = e.strerror or type(e).__name__
-        raise ConfigError(  # a ValueError: the CLI prints it as one line and exits 2
-            f"tracking.uri: the MLflow tracking server {mask_secrets(uri)} is not reachable ({reason}); "
-            f"start it (launch/mlflow_server.sh), fix tracking.uri, or set tracking.offline: true to train without MLflow"
-        ) from None
+    check_reachable(uri, "tracking.uri", "start it (launch/mlflow_server.sh), fix tracking.uri, or set "
+                    "tracking.offline: true to train without MLflow", timeout_s)
 
 
 def _check_model(cfg: RunConfig) -> None:
@@ -57,6 +45,7 @@ def _check_model(cfg: RunConfig) -> None:
         raise FileNotFoundError(f"model.path: {path} does not exist")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.path: {path} is not a Hugging Face model folder (no config.json)")
+    check_model_folder(path, "model.path")  # a truncated download fails here, not in a worker after Ray starts
     try:
         hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
         with torch.device("meta"):

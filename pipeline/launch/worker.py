@@ -13,11 +13,15 @@ import argparse
 import os
 import sys
 
+# First, before the imports that take seconds: it records the launcher's pid (pipeline.launch.lifeline).
+from pipeline.launch.lifeline import die_with_launcher  # noqa: I001
 from pipeline.config import ConfigError, load_config
-from pipeline.training.distributed import bind_device, end_process
+from pipeline.errors import masked_traceback, user_message
+from pipeline.training.distributed import before_exit, bind_device, end_process
 from pipeline.paths import resolve_paths
 from pipeline.launch.preflight import preflight
 from pipeline.run_folder import check_rerun, finished_line
+from pipeline.run_lock import RunLock
 from pipeline.tracking.store import resolve_tracking_uri
 from pipeline.training.loop import WorkerContext, main_entry
 
@@ -35,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_launcher()  # kill -9 of torchrun / the DeepSpeed launcher must end this rank too
     args = parse_args(argv)
     # First, before the preflight or anything else can touch CUDA: this rank's GPU. The DeepSpeed
     # launcher passes --local_rank (and sets LOCAL_RANK); torchrun sets LOCAL_RANK.
@@ -52,22 +57,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    rank = int(os.environ.get("RANK", "0"))
+    launcher = "deepspeed" if args.local_rank is not None or "DEEPSPEED_ENVIRONMENT_NAME" in os.environ else "torchrun"
+    # One writer per run folder: rank 0 holds its lock from here (before anything is written,
+    # --fresh included) to its exit, a failed one's too (pipeline.run_lock).
+    lock = RunLock(cfg.run_dir, what=f"{launcher} rank 0") if rank == 0 else None
     try:
+        if lock is not None:
+            lock.acquire()
+            before_exit(lock.release)
         # Rank 0 alone clears the folder under --fresh; the others start training, which waits for
         # rank 0 at the process group's rendezvous, after the folder is cleared.
-        rank = int(os.environ.get("RANK", "0"))
         state = check_rerun(cfg, fresh=args.fresh) if rank == 0 or not args.fresh else None
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        if lock is not None:
+            lock.release()
         return 2
-    if state is not None and state.kind == "finished":
-        if rank == 0:
-            print(finished_line(state, cfg), file=sys.stderr)
+    try:
+        if state is not None and state.kind == "finished":
+            if rank == 0:
+                print(finished_line(state, cfg), file=sys.stderr)
+            return 0
+        uri = resolve_tracking_uri(args.tracking_uri or cfg.tracking.uri, cfg.output_dir)
+        main_entry(cfg, WorkerContext(run_id=args.run_id, tracking_uri=uri, launcher=launcher, local_rank=local_rank))
         return 0
-    uri = resolve_tracking_uri(args.tracking_uri or cfg.tracking.uri, cfg.output_dir)
-    launcher = "deepspeed" if args.local_rank is not None or "DEEPSPEED_ENVIRONMENT_NAME" in os.environ else "torchrun"
-    main_entry(cfg, WorkerContext(run_id=args.run_id, tracking_uri=uri, launcher=launcher, local_rank=local_rank))
-    return 0
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":
@@ -77,4 +94,8 @@ if __name__ == "__main__":
         code = main()
     except SystemExit as e:
         code = e.code
+    except Exception as e:  # a user error or a broken file or dead server: one line; else (a bug) the traceback
+        message = user_message(e)  # pipeline.errors, as `tsd` does; secrets masked
+        sys.stderr.write(f"error: {message}\n" if message is not None else masked_traceback(e))
+        code = 2 if message is not None else 1
     end_process(code)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.file_checks import check_adapter_folder, check_safetensors
 from pipeline.reports.plots import new_figure, save_figure
 from tsd.analysis import (
     MEASURES,
@@ -187,6 +188,11 @@ def analyze_adapters(
         raise ValueError("analyze: give at least one adapter folder")
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"analyze: {len(labels)} labels for {len(paths)} adapters")
+    for p in map(Path, paths):  # a truncated or garbage file: named, exit 2 (not safetensors' own error)
+        if p.is_dir():
+            check_adapter_folder(p, "analyze")
+        elif p.suffix == ".safetensors" and p.is_file():
+            check_safetensors(p, "analyze")
     selections = [read_selections(p, kind, lab) for p, lab in zip(paths, labels or [None] * len(paths))]
     for s, lab in zip(selections, unique_labels([s.label for s in selections])):
         s.label = lab

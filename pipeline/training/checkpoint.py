@@ -8,7 +8,6 @@ every rank has whole, so all ranks resume from the same one or none.
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -25,10 +24,11 @@ try:  # NumPy is optional for torch; its generator is saved when it is there
 except ImportError:  # pragma: no cover
     np = None
 
+from pipeline.file_checks import safetensors_problem
 from pipeline.logs import log
 from pipeline.run_folder import recorded_base
 from pipeline.training.distributed import rank_and_world
-from pipeline.training.reshard import read_layout, write_layout
+from pipeline.training.reshard import LATEST_FILE, latest_tag, read_layout, write_layout
 from pipeline.training.strategy import strategy_of_stage
 from tsd import collectives
 from tsd.inject import tsd_layers
@@ -106,7 +106,10 @@ def prune_checkpoints(ckpt_dir: Path, keep: int | None, switch_at: tuple[int, ..
     if keep is None or rank != 0 or not ckpt_dir.is_dir():
         return []
     tags = sorted((d.name for d in ckpt_dir.iterdir() if d.is_dir() and _step_of(d.name) is not None), key=_step_of)
-    latest = (ckpt_dir / "latest").read_text().strip() if (ckpt_dir / "latest").is_file() else None
+    try:
+        latest = latest_tag(ckpt_dir)
+    except ValueError:  # not a tag of this run: it protects none of them
+        latest = None
     pinned = {next((t for t in tags if _step_of(t) >= at), None) for at in switch_at}
     doomed = [t for t in tags[:-keep] if t != latest and t not in pinned]
     for tag in doomed:
@@ -180,13 +183,9 @@ def _is_whole_file(path: Path) -> bool:
         if path.suffix == ".pt":
             return zipfile.is_zipfile(path)
         if path.suffix == ".safetensors":
-            with path.open("rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            return size == 8 + n + end
+            return safetensors_problem(path) is None
         return True
-    except (OSError, ValueError, KeyError, TypeError):
+    except OSError:
         return False
 
 
@@ -237,20 +236,29 @@ def _rank_files(rank: int, bf16: bool, strategy: str = "zero3") -> list[list[str
 
 def choose_resume_tag(ckpt_dir: Path, rank: int, world: int, bf16: bool = False) -> str | None:
     """The checkpoint tag every rank resumes from: the one `latest` names when it is whole on
-    every rank, else the newest older stepN tag that is; None to start from scratch.
+    every rank, else the newest older stepN tag that is; None to start from scratch. A `latest`
+    that names no tag of this run (a path: reshard.latest_tag) counts as corrupt: every stepN
+    tag is then a fallback, and nothing outside `ckpt_dir` is read.
 
     Rank 0 lists the candidates and broadcasts them; every rank checks its own files and the
     verdicts are combined with an all-reduce, so all ranks load the same tag or none."""
     candidates: list[str] = []
-    if rank == 0 and (ckpt_dir / "latest").is_file():
-        latest = (ckpt_dir / "latest").read_text().strip()
+    refused: str | None = None  # why `latest` was not used as a tag name
+    if rank == 0 and (ckpt_dir / LATEST_FILE).is_file():
+        try:
+            latest = latest_tag(ckpt_dir)
+        except ValueError as e:
+            latest, refused = None, str(e)
         older = sorted((d.name for d in ckpt_dir.iterdir() if d.is_dir() and _step_of(d.name) is not None
                         and d.name != latest), key=_step_of, reverse=True)
-        if _step_of(latest) is not None:  # only tags older than `latest`: never jump ahead of it
+        if latest is not None and _step_of(latest) is not None:  # only tags older than `latest`: never jump ahead of it
             older = [t for t in older if _step_of(t) < _step_of(latest)]
-        candidates = [latest, *older]
-    candidates = collectives.broadcast_object(candidates, src=0)
+        candidates = [latest, *older] if latest is not None else older
+    candidates, refused = collectives.broadcast_object((candidates, refused), src=0)
     if not candidates:
+        if refused:
+            log(f"WARNING: {refused}; it is ignored like a corrupt one, and there is no stepN tag to fall back to: "
+                f"training starts from scratch")
         return None
     problems = [tag_problem(ckpt_dir / t, rank, bf16, world) for t in candidates]
     bad = collectives.all_reduce(torch.tensor([0.0 if p is None else 1.0 for p in problems]), op="max")
@@ -258,6 +266,11 @@ def choose_resume_tag(ckpt_dir: Path, rank: int, world: int, bf16: bool = False)
         if p is not None:
             log(f"checkpoint check: {p}", all_ranks=True)
     good = [t for t, b in zip(candidates, bad.tolist()) if b == 0.0]
+    if refused:
+        log(f"WARNING: {refused}; it is ignored like a corrupt one: "
+            + (f"resuming from the newest whole checkpoint {good[0]!r} instead" if good else
+               "no stepN tag is whole either, training starts from scratch"))
+        return good[0] if good else None
     if not good:
         log(f"WARNING: no usable checkpoint in {ckpt_dir} (latest names {candidates[0]!r}, which is incomplete, "
             f"and no older whole stepN tag); training starts from scratch")

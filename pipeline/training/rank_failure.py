@@ -37,6 +37,7 @@ from collections.abc import Callable
 import torch.distributed as dist
 
 from pipeline.logs import log
+from pipeline.tracking.secrets import mask_secrets
 from pipeline.training.distributed import exit_now, rank_and_world
 
 POLL_S = 0.2  # how often a watcher looks for a failure: the job ends within about this much of it
@@ -154,11 +155,11 @@ def end_job(exc: BaseException, code: int = 1, logged: bool = False) -> None:
     if already:  # the watcher is ending this rank for a peer's failure: let it finish
         time.sleep(ACK_WAIT_S + 5)
         exit_now(code)
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    first_line = mask_secrets(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     line = f"rank {rank} of {world} ({socket.gethostname()}) failed: {type(exc).__name__}: {first_line}"
     # A user error (`logged`: the caller printed its message) is reported by its message alone,
     # in torchrun's summary too; an unexpected one with its traceback.
-    stack = f"{type(exc).__name__}: {exc}" if logged else "".join(traceback.format_exception(exc))
+    stack = mask_secrets(f"{type(exc).__name__}: {exc}" if logged else "".join(traceback.format_exception(exc)))
     if not logged:
         sys.stderr.write(stack)
     log(f"error: {line}; stopping the job", all_ranks=True)

@@ -77,11 +77,36 @@ def read_layout(tag_dir: Path) -> Layout:
     return Layout(max(ranks, 1))
 
 
+LATEST_FILE = "latest"  # in the checkpoints folder: the name of the newest complete tag
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag `ckpt_dir/latest` names; None when there is no `latest`. Its content is only ever a
+    tag of this run: the plain name of a folder directly in `ckpt_dir` (`step12`), never a path.
+    Anything else (`../x`, `/abs/path`, `step2/../../x`, empty, binary) would make a resume read
+    from outside the run folder: it raises ValueError, which every reader treats like a corrupt
+    `latest` (choose_resume_tag falls back to the newest whole older tag)."""
+    path = Path(ckpt_dir) / LATEST_FILE
+    if not path.is_file():
+        return None
+    raw = path.read_bytes()
+    try:
+        name = raw.decode().strip()
+    except UnicodeDecodeError:
+        name = None
+    if not name or name in (".", "..") or any(c in name for c in "/\\") or not name.isprintable():
+        shown = raw[:80].decode(errors="replace").strip()
+        raise ValueError(f"{path} holds {shown!r}, which is not a checkpoint tag of this run (the name of a "
+                         f"folder directly in {ckpt_dir}, such as step12)")
+    return name
+
+
 def checkpoint_run_id(run_dir: Path) -> str | None:
     """The MLflow run of the run folder's newest checkpoint (the tag `latest` names), if it says."""
-    latest = Path(run_dir) / "checkpoints" / "latest"
+    ckpt_dir = Path(run_dir) / "checkpoints"
     try:
-        return read_layout(latest.parent / latest.read_text().strip()).mlflow_run_id
+        tag = latest_tag(ckpt_dir)
+        return read_layout(ckpt_dir / tag).mlflow_run_id if tag else None
     except (OSError, ValueError):
         return None
 
