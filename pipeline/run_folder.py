@@ -11,7 +11,8 @@ in a key that shapes training (model, data, method, most of train) is refused wi
 named: resuming a checkpoint made with other settings would silently mix two runs. Keys that
 only say how or where it runs (workers, DeepSpeed strategy, tracking, evaluation, logging and
 checkpoint cadence) may change. `--fresh` starts over: a finished run's folder is removed (its
-MLflow run keeps its metrics and adapter), an interrupted one's is moved aside, never deleted.
+MLflow run keeps its metrics and adapter), an interrupted one's is moved aside, never deleted;
+neither while another command writes the folder (pipeline.run_lock: one writer per run folder).
 
 The base weights are compared too: `base_fingerprint.json` records the fingerprint of the model
 folder the run trained on (pipeline.fingerprint; each checkpoint tag's layout.json carries a copy),
@@ -22,19 +23,21 @@ folder) is refused with the files that differ; `--fresh` starts a new run on the
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.fingerprint import Fingerprint, check_same_base, fingerprint
+from pipeline.run_lock import LOCK_FILE, check_not_busy
 
 RUN_CONFIG_FILE = "run_config.json"
 RESULT_FILE = "result.json"
 BASE_FILE = "base_fingerprint.json"  # the fingerprint of the base weights the run trains on
 # Keys that may differ between a run and its rerun: how and where it runs, not what it trains.
 MAY_CHANGE = ("workers.", "deepspeed.", "tracking.", "train.eval_", "train.log_every", "train.checkpoint_every",
-              "train.keep_checkpoints", "data.test", "data.task", "method.svd_cache")
+              "train.keep_checkpoints", "data.test", "data.task", "data.cache_dir", "method.svd_cache")
 
 
 @dataclass(frozen=True)
@@ -143,16 +146,43 @@ def check_rerun(cfg, fresh: bool = False) -> FolderState:
         check_same_base(cfg.model.path, recorded, fingerprint(cfg.model.path), str(state.run_dir / BASE_FILE))
     if not fresh or state.kind == "new":
         return state
+    check_not_busy(state.run_dir)  # never clear a live run's folder (pipeline.run_lock)
     if state.kind == "finished":
-        shutil.rmtree(state.run_dir)
+        _remove_all_but_lock(state.run_dir)
         print(f"[tsd] --fresh: removed the finished run {state.run_dir} (its MLflow run "
               f"{state.result.get('mlflow_run_id') or '-'} keeps its metrics and adapter)")
     else:
         aside = state.run_dir.with_name(f"{state.run_dir.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
-        state.run_dir.rename(aside)
+        _move_aside_but_lock(state.run_dir, aside)
         print(f"[tsd] --fresh: moved the interrupted run {state.run_dir} to {aside} (rerun with --set "
               f"name={aside.name} to resume it)")
     return FolderState("new", state.run_dir)
+
+
+def _remove_all_but_lock(run_dir: Path) -> None:
+    """--fresh on a finished run: remove the folder, or when this command holds its lock
+    (pipeline.run_lock) everything in it but the lock."""
+    if not (run_dir / LOCK_FILE).exists():
+        shutil.rmtree(run_dir)
+        return
+    for entry in run_dir.iterdir():
+        if not entry.name.startswith(LOCK_FILE):  # the lock and its heartbeat's files
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def _move_aside_but_lock(run_dir: Path, aside: Path) -> None:
+    """--fresh on an interrupted run: the folder is renamed (atomically); this command's lock
+    comes back under the run folder's name, by a link that fails if another command took the name."""
+    run_dir.rename(aside)
+    held = aside / LOCK_FILE
+    if held.exists():
+        run_dir.mkdir(exist_ok=True)
+        try:
+            os.link(held, run_dir / LOCK_FILE)
+        except FileExistsError:
+            raise ValueError(f"{run_dir}: another command started a run there while --fresh moved the interrupted "
+                             f"run to {aside}; rerun when it has ended") from None
+        held.unlink()
 
 
 def finished_line(state: FolderState, cfg) -> str:

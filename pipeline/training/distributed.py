@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import NoReturn
 
 import torch
@@ -132,9 +133,23 @@ def end_process(code: int | str | None = 0) -> NoReturn:
     exit_now(code)
 
 
+_last_words: list[Callable[[], None]] = []
+
+
+def before_exit(fn: Callable[[], None]) -> None:
+    """Run `fn` on `exit_now` (hence `end_process` too), which skips `finally` blocks and atexit:
+    what must not be left behind by a failed rank (its run folder's lock, pipeline.run_lock)."""
+    _last_words.append(fn)
+
+
 def exit_now(code: int) -> NoReturn:
     """os._exit after flushing what this process printed or logged: no atexit handlers, no
     interpreter teardown, no waiting on anything (also the way out of a failed rank)."""
+    for fn in _last_words:
+        try:
+            fn()
+        except Exception:
+            pass  # leaving anyway
     for handler in logging.getLogger().handlers:
         try:
             handler.flush()

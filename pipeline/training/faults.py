@@ -7,6 +7,8 @@ product code calls its hooks at the few points a test needs to break:
   TSD_INJECT_NAN_AT_STEP=k          the loss of optimizer step k becomes NaN
   TSD_INJECT_NAN_GRAD_AT_STEP=k     step k keeps a finite loss but gets a NaN gradient
   TSD_INJECT_STEP_DELAY_S=x         sleep x s after every step (to act on a run mid-way)
+  TSD_INJECT_PAUSE_FILE=path        after every step, wait while this file exists (to act on a
+                                    live run at a known point, however slow the machine)
   TSD_INJECT_FAIL_IN_SWITCH_RANK=r  rank r raises in the switch, after its first SVD (its peers
                                     are then in, or entering, the round's collectives)
   TSD_INJECT_SWITCH_PEER_DELAY_S=x  with the above, the other ranks stay busy x s there instead
@@ -35,6 +37,7 @@ class Faults:
     step_delay_s: float = 0.0
     fail_in_switch_rank: int | None = None
     switch_peer_delay_s: float = 0.0
+    pause_file: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Faults:
@@ -44,6 +47,7 @@ class Faults:
             step_delay_s=_number(env, "TSD_INJECT_STEP_DELAY_S", float) or 0.0,
             fail_in_switch_rank=_number(env, "TSD_INJECT_FAIL_IN_SWITCH_RANK", int),
             switch_peer_delay_s=_number(env, "TSD_INJECT_SWITCH_PEER_DELAY_S", float) or 0.0,
+            pause_file=env.get("TSD_INJECT_PAUSE_FILE") or None,
         )
 
     def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
@@ -57,6 +61,8 @@ class Faults:
     def after_step(self) -> None:
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
+        while self.pause_file and os.path.exists(self.pause_file):
+            time.sleep(0.1)
 
     def in_switch(self, rank: int) -> None:
         """Called by each rank after decomposing a weight in the switch."""
