@@ -345,7 +345,9 @@ def _train(cfg: RunConfig, ctx: WorkerContext, tracker, rank: int, world: int, n
         for batch in s.loader:
             micro_index += 1
             lr_now = s.optimizer.param_groups[0]["lr"]  # the rate this step applies
-            out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
+            # non_blocking: a blocking host-to-GPU copy waits for the GPU to finish the queued work
+            # (a synchronisation per micro-batch); the batch is in pageable memory, staged at once.
+            out = engine(**{k: v.to(engine.device, non_blocking=True) for k, v in batch.items()})
             loss = ctx.faults.loss(out.loss, engine.global_steps + 1)
             # A non-finite loss is found once the step is complete (one host synchronisation per
             # optimizer step, not one per micro-batch) and stops the run before that step is
@@ -501,7 +503,8 @@ class StepStats:
 
     def add(self, loss: torch.Tensor, attention_mask: torch.Tensor) -> None:
         value = loss.detach().to(torch.float64)
-        tokens = attention_mask.sum().to(value.device, torch.float64)  # the batch is still on the host: no sync
+        # The mask is still on the host: counted there, the count copied without waiting for the GPU.
+        tokens = attention_mask.sum().to(value.device, torch.float64, non_blocking=True)
         bad = (~torch.isfinite(value)).to(torch.float64)
         if self.loss is None:
             self.loss, self.tokens, self.bad = value, tokens, bad
@@ -514,7 +517,7 @@ class StepStats:
         summed = collectives.all_reduce(torch.stack([self.loss, self.tokens, self.bad]))
         parts = [summed]
         if torch.is_tensor(grad_norm):  # the same on every rank: read in the same synchronisation
-            parts.append(grad_norm.detach().reshape(1).to(summed.device, torch.float64))
+            parts.append(grad_norm.detach().reshape(1).to(summed.device, torch.float64, non_blocking=True))
         values = torch.cat(parts).tolist()  # the step's one host synchronisation
         norm = values[3] if len(values) > 3 else (None if grad_norm is None else float(grad_norm))
         return values[0] / (accum * world), values[1], values[2] > 0, norm
