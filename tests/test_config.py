@@ -103,7 +103,7 @@ def test_every_problem_is_one_line_naming_the_file_and_key():
         "x.yaml: train.lr: expected a number, got 'fast'",
         "x.yaml: train.seed: must be in [0, 4294967295], got -1",
         "x.yaml: train.warmup: unknown key; known keys here: checkpoint_every, dash_lr_scale, epochs, eval_batch_size, eval_limit, "
-        "eval_max_new_tokens, eval_model, eval_num_beams, grad_accum, grad_clip, "
+        "eval_max_new_tokens, eval_model, eval_num_beams, grad_accum, grad_clip, gradient_checkpointing, "
         "keep_checkpoints, log_every, lr, max_steps, "
             "micro_batch_size, "
         "precision, schedule, seed, warmup_steps, weight_decay",
