@@ -12,7 +12,7 @@ from pipeline.config import RunConfig
 
 
 def _abs(p: str | None, base: Path) -> str | None:
-    if not p:
+    if not p or p.startswith("hub:"):  # a dataset on the Hugging Face hub (pipeline.data.sources), not a path
         return p
     path = Path(p).expanduser()
     return str(path if path.is_absolute() else (base / path).resolve())
@@ -34,6 +34,7 @@ def resolve_paths(cfg: RunConfig, base: str | Path | None = None) -> RunConfig:
             cfg.data,
             train=[_abs(p, base) for p in cfg.data.train],
             test=[_abs_test(e, base) for e in cfg.data.test],
+            cache_dir=_abs(cfg.data.cache_dir, base),
         ),
         method=dataclasses.replace(cfg.method, svd_cache=_abs(cfg.method.svd_cache, base)),
         deepspeed=dataclasses.replace(cfg.deepspeed, config=_abs(cfg.deepspeed.config, base)),

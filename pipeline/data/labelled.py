@@ -6,10 +6,11 @@ A labelled file holds one row per example:
   text_pair  optional second text of a sentence pair (string or null; "" counts as none)
   label      a class id (an int >= 0) or a class name (a non-empty string), one kind per file
 
-plus any extra fields (an `id`, a source...), kept as they are. Three layouts are read: a CSV
+plus any extra fields (an `id`, a source...), kept as they are. Three layouts are read here: a CSV
 file (`.csv`, comma-separated, a header row naming the columns), one JSON list, or JSONL (one
 object a line). In a CSV every cell is text, so a label cell of digits is a class id and any
-other a class name.
+other a class name. The same columns in a .parquet file, a `save_to_disk` folder or a hub dataset
+are read through HF `datasets` (pipeline.data.sources) and checked by the same row rules.
 
 Class ids are what a classification head predicts; class names are what people read.
 `label_names` turns the labels of some files into the names in id order and `encode_labels`
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.tasks import DataError, read_data_text, write_records
+from pipeline.data.tasks import is_own_format as _tasks_own_format
 
 LABEL_KINDS = "an integer class id (>= 0) or a class name (a non-empty string)"
 _CSV_INT = re.compile(r"[+-]?[0-9]+")
@@ -165,6 +167,19 @@ def load_labelled(path: str | Path) -> list[dict]:
     in the file) and any extra fields. Raises DataError naming the file, the row (0-based; for
     CSV and JSONL also the line) and the field at fault; FileNotFoundError for a missing file.
     """
+    if not is_own_format(path):
+        # Deferred: `datasets` takes about a second to import, and CSV and JSON files need none of it.
+        from pipeline.data import sources
+
+        source = sources.parse(str(path))
+        rows, wheres = [], []
+        for i, row in enumerate(sources.rows(source)):
+            wheres.append(f"{source}: row {i}")
+            rows.append(_check_row(row, wheres[-1]))
+        if not rows:
+            raise DataError(f"{source}: contains no rows")
+        _check_one_label_kind(Path(str(path)), rows, wheres)
+        return rows
     p = Path(path)
     text = _read_text(p)
     rows, wheres = (_read_csv if p.suffix.lower() == ".csv" else _read_json)(p, text)
@@ -172,6 +187,12 @@ def load_labelled(path: str | Path) -> list[dict]:
         raise DataError(f"{p}: contains no rows")
     _check_one_label_kind(p, rows, wheres)
     return rows
+
+
+def is_own_format(path: str | Path) -> bool:
+    """Whether this module reads `path` itself (CSV, JSON, JSONL: any file but .parquet, and a folder
+    that is not a `save_to_disk` dataset, which _read_text refuses) rather than `datasets`."""
+    return _tasks_own_format(path) or Path(str(path)).suffix.lower() == ".csv"
 
 
 def write_labelled(path: str | Path, records: Iterable[dict]) -> None:

@@ -1,5 +1,10 @@
-"""The training data as a `DataLoader`: tokenized once per process, sharded over the ranks by a
-`DistributedSampler`, and able to start part-way through an epoch when a run resumes.
+"""The training data as a `DataLoader`, sharded over the ranks by a `DistributedSampler`, and able
+to start part-way through an epoch when a run resumes.
+
+Training reads its examples from pipeline.data.training_set (tokenized once per node into a
+memory-mapped Arrow cache). `TokenizedTasks` and `TokenizedLabelled` here are the same examples
+built in this process's memory, one row at a time: the reference the tests compare the cache
+with, and what single-process tools (benchmarks/peers) use on small data.
 
 Every rank draws the same seeded shuffle of the whole set for an epoch (seed + epoch) and takes
 every world-th example of it, so the shards are disjoint and the order is reproducible; the tail
@@ -66,9 +71,31 @@ def tokenize_labelled(tokenizer, record: dict, label: int, cutoff_len: int) -> d
     return example
 
 
+def tokenize_labelled_batch(tokenizer, texts: list[str], pairs: list[str | None], labels: list[int],
+                            cutoff_len: int) -> dict[str, list]:
+    """`tokenize_labelled` over many rows in at most two tokenizer calls (the rows without a pair,
+    then those with one): the same tokens, row for row, in the rows' order."""
+    pairs = [p or None for p in pairs]
+    rows: list[dict] = [{} for _ in texts]
+    for with_pair in (False, True):
+        idx = [i for i, p in enumerate(pairs) if (p is not None) == with_pair]
+        if not idx:
+            continue
+        enc = tokenizer([texts[i] for i in idx], [pairs[i] for i in idx] if with_pair else None, truncation=True,
+                        max_length=cutoff_len, padding=False, return_tensors=None)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        for j, i in enumerate(idx):
+            rows[i] = {k: list(enc[k][j]) for k in keys}
+    out = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+    out["labels"] = list(labels)
+    return out
+
+
 class TokenizedLabelled(Dataset):
     """The text/label rows of `data.train` (first `data.limit`), tokenized, labels as class ids
     of `names`. The seq_cls counterpart of TokenizedTasks; batch with `collate_labelled`."""
+
+    labelled = True  # which collate train_loader uses
 
     def __init__(self, data: DataConfig, tokenizer, names: list[str]):
         from pipeline.data.labelled import encode_labels, load_labelled
@@ -128,7 +155,7 @@ def micro_batches_per_epoch(n_examples: int, world: int, micro_batch_size: int) 
 def train_loader(dataset: Dataset, rank: int, world: int, seed: int, micro_batch_size: int,
                  pad_id: int) -> DataLoader:
     """This rank's micro-batches; call `loader.sampler.start_at(epoch, done)` before each epoch."""
-    batch = collate_labelled if isinstance(dataset, TokenizedLabelled) else collate
+    batch = collate_labelled if getattr(dataset, "labelled", False) else collate
     sampler = ResumableSampler(dataset, rank, world, seed, micro_batch_size)
     # A generator of its own: each `iter(loader)` draws a seed from it, which would otherwise come
     # from the global RNG and shift dropout's stream differently in a resumed run.

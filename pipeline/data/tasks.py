@@ -1,7 +1,10 @@
 """Task data in the LLM-Adapters format: loading, the harness's prompts, tokenization, answers.
 
 Records are JSON objects with `instruction`, `input` (optional), `output` and `answer`, stored
-either as one JSON list (what LLM-Adapters ships, e.g. commonsense_170k.json) or as JSONL.
+either as one JSON list (what LLM-Adapters ships, e.g. commonsense_170k.json) or as JSONL, which
+this module parses itself (its checks and messages name the file, row, line and field); the same
+columns in a .csv or .parquet file, a `save_to_disk` folder or a hub dataset are read through HF
+`datasets` (pipeline.data.sources) and checked by the same row rules.
 
 The prompt text, the tokenization convention and the answer extraction reproduce the harness
 the paper used: LLM-Adapters' finetune.py / commonsense_evaluate.py, as carried in the
@@ -213,7 +216,18 @@ def load_records(path: str | Path, require_answer: bool = True) -> list[dict]:
     Returns dicts with `instruction`, `input` ("" when absent or null), `output`, `answer`
     (numbers turned into strings) and any extra keys unchanged. Raises DataError naming the file,
     the row (0-based index in the list; for JSONL also the line) and the field at fault.
+    A .csv or .parquet file, a `save_to_disk` folder or a `hub:` name is read through `datasets`
+    (pipeline.data.sources) and its rows checked the same way (the row, without a line).
     """
+    if not is_own_format(path):
+        # Deferred: `datasets` takes about a second to import, and the JSON files need none of it.
+        from pipeline.data import sources
+
+        source = sources.parse(str(path))
+        records = [_check_row(row, f"{source}: row {i}", require_answer) for i, row in enumerate(sources.rows(source))]
+        if not records:
+            raise DataError(f"{source}: contains no records")
+        return records
     p = Path(path)
     text = read_data_text(p, "a .json or .jsonl file")
 
@@ -242,6 +256,18 @@ def load_records(path: str | Path, require_answer: bool = True) -> list[dict]:
     if not records:
         raise DataError(f"{p}: contains no records")
     return records
+
+
+def is_own_format(path: str | Path) -> bool:
+    """Whether this module parses `path` itself (JSON or JSONL: any file but .csv and .parquet, and
+    a folder that is not a `save_to_disk` dataset, which read_data_text refuses) rather than `datasets`."""
+    entry = str(path)
+    if entry.startswith("hub:"):
+        return False
+    p = Path(entry)
+    if p.is_dir():
+        return not any((p / f).is_file() for f in ("state.json", "dataset_dict.json"))
+    return p.suffix.lower() not in (".csv", ".parquet")
 
 
 def load_many(paths: Sequence[str | Path], require_answer: bool = True) -> list[dict]:
@@ -297,6 +323,39 @@ def tokenize_example(tokenizer, record: dict, cutoff_len: int = 256, train_on_in
         labels = [IGNORE_INDEX] * k + labels[k:]
     full["labels"] = labels
     return full
+
+
+def tokenize_batch(tokenizer, instructions: Sequence[str], inputs: Sequence[str | None], outputs: Sequence[str],
+                   cutoff_len: int = 256, train_on_inputs: bool = True, add_eos: bool = True) -> dict[str, list[list[int]]]:
+    """`tokenize_example` over many records in two tokenizer calls instead of one or two per record
+    (a fast tokenizer encodes a batch in Rust): the same tokens, EOS rule and label masking, row for
+    row (tests/test_data_cache.py checks it against tokenize_example)."""
+    if cutoff_len < 1:
+        raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
+    full = _tokenize_many(tokenizer, [generate_prompt(i, n, o) for i, n, o in zip(instructions, inputs, outputs)],
+                          cutoff_len, add_eos)
+    labels = [list(ids) for ids in full["input_ids"]]
+    if not train_on_inputs:
+        users = _tokenize_many(tokenizer, [generate_prompt(i, n, "") for i, n in zip(instructions, inputs)],
+                               cutoff_len, add_eos=False)
+        for row, user in zip(labels, users["input_ids"]):
+            k = min(len(user), len(row))
+            row[:k] = [IGNORE_INDEX] * k
+    full["labels"] = labels
+    return full
+
+
+def _tokenize_many(tokenizer, texts: list[str], cutoff_len: int, add_eos: bool) -> dict:
+    enc = tokenizer(texts, truncation=True, max_length=cutoff_len, padding=False, return_tensors=None)
+    ids = [list(x) for x in enc["input_ids"]]
+    masks = [list(m) for m in enc["attention_mask"]] if "attention_mask" in enc else [[1] * len(x) for x in ids]
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is not None:
+        for x, m in zip(ids, masks):
+            if len(x) < cutoff_len and (not x or x[-1] != eos):
+                x.append(eos)
+                m.append(1)
+    return {"input_ids": ids, "attention_mask": masks}
 
 
 def build_examples(records: Sequence[dict], tokenizer, cutoff_len: int = 256, train_on_inputs: bool = True, add_eos: bool = True) -> list[dict]:

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import RunConfig, check_switch_fits
-from pipeline.data.loader import (TokenizedLabelled, TokenizedTasks, class_names, micro_batches_per_epoch,
-                                  train_loader)
+from pipeline.data.loader import class_names, micro_batches_per_epoch, train_loader
+from pipeline.data.training_set import training_dataset
 from pipeline.evaluate import evaluate_after_training
 from pipeline.logs import log, setup_logging
 from pipeline.model_task import PEFT_TASK_TYPE
@@ -229,7 +229,8 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     attention = getattr(model.config, "_attn_implementation", None) or "the model's own"
     log(f"model {cfg.model.path} loaded {how} in {time.perf_counter() - t0:.1f}s, attention {attention}; {injection}")
 
-    dataset = TokenizedLabelled(cfg.data, tokenizer, classes) if classes else TokenizedTasks(cfg.data, tokenizer)
+    # Tokenized once per node (or job) into a memory-mapped cache, every rank maps it (pipeline.data.training_set).
+    dataset = training_dataset(cfg, tokenizer, classes, rank, nodes)
     total_steps = optimizer_steps(cfg, len(dataset), world)
     loader = train_loader(dataset, rank, world, cfg.train.seed, cfg.train.micro_batch_size, tokenizer.pad_token_id)
     sched_state = {"phase_start": 0}
