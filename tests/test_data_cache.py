@@ -284,6 +284,60 @@ def test_a_hub_name_resolves_only_from_the_local_cache_when_offline(tmp_path, to
     assert resolved.data.train == ["hub:someone/set"] and resolved.data.cache_dir == str(tmp_path / "cache")
 
 
+def test_the_config_check_takes_saved_folders_and_hub_names_and_names_other_folders(tmp_path):
+    """check_paths (before anything starts) lets a save_to_disk folder and a hub name through to
+    pipeline.data.sources, and still refuses a plain folder, naming what it accepts."""
+    from pipeline.config import ConfigError, check_paths, from_dict
+    from pipeline.paths import resolve_paths
+    from proc_group import tiny_config
+
+    files = _write_task_formats(tmp_path / "data")
+    base = tiny_config(tmp_path, tmp_path / "runs", "paths")
+    for train in ([str(files["folder"])], ["hub:someone/set@train", str(files["parquet"])]):
+        base["data"]["train"] = train
+        check_paths(resolve_paths(from_dict(base), base=tmp_path))
+    base["data"]["train"] = str(tmp_path / "data")
+    with pytest.raises(ConfigError, match=rf"data.train: {tmp_path / 'data'} is a folder, not a data file or a "
+                                          r"folder written by Dataset.save_to_disk"):
+        check_paths(resolve_paths(from_dict(base), base=tmp_path))
+
+
+def test_under_a_launcher_rank_0_alone_reads_every_row_before_start(tmp_path, monkeypatch):
+    """The worker's preflight reads the data rows on rank 0 only (one reader per job, not 8 per
+    node); read_data=False really leaves the rows unread (a broken row passes it)."""
+    from pipeline.config import from_dict
+    from pipeline.launch import preflight as pf
+    from pipeline.launch import worker
+    from pipeline.paths import resolve_paths
+    from proc_group import tiny_config
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(TASK_ROWS[0]) + "\n{not json\n")
+    base = tiny_config(tmp_path, tmp_path / "runs", "pf")
+    base["data"]["train"] = str(bad)
+    cfg = resolve_paths(from_dict(base), base=tmp_path)
+    monkeypatch.setattr(pf, "check_tracking_reachable", lambda uri: None)
+    monkeypatch.setattr(pf, "_check_model", lambda cfg: None)  # no model folder: the rows are the point
+    pf.preflight(cfg, world=2, ray=False, read_data=False)
+    with pytest.raises(DataError, match="bad.jsonl: row 1 .line 2.: invalid JSON"):
+        pf.preflight(cfg, world=2, ray=False)
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs["read_data"])
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(worker, "preflight", record)
+    monkeypatch.setattr(worker, "die_with_launcher", lambda: None)
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps(base))
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert worker.main([str(config)]) == 2
+    assert seen == [True, False]
+
+
 # ----------------------------------------------------------------------------- once per node
 @pytest.mark.slow
 def test_one_rank_per_node_tokenizes_the_others_map_its_entry(tmp_path, tok_dir):

@@ -204,32 +204,26 @@ def _labelled_features(tokenizer, cutoff_len: int) -> datasets.Features:
 # ----------------------------------------------------------------------------- checked rows
 def checked_task_rows(source: sources.Source, scratch: Path) -> datasets.Dataset:
     """The LLM-Adapters records of `source`, every row checked as pipeline.data.tasks does."""
-    own = tasks.is_own_format(source.entry)
-    try:
-        rows = sources.read(source, scratch)
+
+    def check(rows: datasets.Dataset) -> datasets.Dataset:
         if len(rows) == 0:
             raise DataError(f"{source}: contains no records")
         for i, row in enumerate(sources.iter_rows(rows)):
             tasks._check_row(row, f"{source}: row {i}", require_answer=True)
         return rows
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- the project's own parser names the problem, or reads the file
-        if not own:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"{source}: cannot be read as {source.format} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+    def own_parser() -> datasets.Dataset:
         records = tasks.load_records(source.entry)  # raises the exact error, if there is one
         return datasets.Dataset.from_dict({k: [r.get(k) for r in records] for k in ("instruction", "input", "output")})
+
+    return _read_checked(source, scratch, tasks.is_own_format(source.entry), check, own_parser)
 
 
 def checked_labelled_rows(source: sources.Source, scratch: Path,
                           classes: Sequence[str]) -> tuple[datasets.Dataset, list[int]]:
     """The text/label rows of `source`, checked as pipeline.data.labelled does, and their class ids."""
-    own = labelled_rows.is_own_format(source.entry)
-    try:
-        rows = sources.read(source, scratch)
+
+    def check(rows: datasets.Dataset) -> tuple[datasets.Dataset, list[int]]:
         if len(rows) == 0:
             raise DataError(f"{source}: contains no rows")
         checked, wheres = [], []
@@ -239,16 +233,29 @@ def checked_labelled_rows(source: sources.Source, scratch: Path,
             wheres.append(f"{source}: row {i}")
             checked.append({"label": labelled_rows._check_row(row, wheres[-1])["label"]})
         labelled_rows._check_one_label_kind(Path(source.entry), checked, wheres)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- as in checked_task_rows
-        if not own:
-            if isinstance(e, DataError):
-                raise
-            raise DataError(f"{source}: cannot be read as {source.format} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        return rows, labelled_rows.encode_labels(checked, classes, source=source.entry)
+
+    def own_parser() -> tuple[datasets.Dataset, list[int]]:
         records = labelled_rows.load_labelled(source.entry)  # raises the exact error, if there is one
         ids = labelled_rows.encode_labels(records, classes, source=source.entry)
         return datasets.Dataset.from_dict({"text": [r["text"] for r in records],
                                            "text_pair": [r["text_pair"] for r in records]}), ids
-    return rows, labelled_rows.encode_labels(checked, classes, source=source.entry)
+
+    return _read_checked(source, scratch, labelled_rows.is_own_format(source.entry), check, own_parser)
+
+
+def _read_checked(source: sources.Source, scratch: Path, own: bool, check, own_parser):
+    """`check(rows)` of the rows `datasets` reads from `source`. A file in one of the project's own
+    formats that `datasets` cannot read, or whose rows fail a check, goes to `own_parser()`, so the
+    error names file, row, line and field as before; any other source's failure is one DataError."""
+    try:
+        return check(sources.read(source, scratch))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the project's own parser names the problem, or reads the file
+        if own:
+            return own_parser()
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{source}: cannot be read as {source.format} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None

@@ -139,11 +139,14 @@ def _check_resources(cfg: RunConfig) -> None:
               "launcher). One CPU left free avoids it.")
 
 
-def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None = None, ray: bool = True) -> None:
+def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None = None, ray: bool = True,
+              read_data: bool = True) -> None:
     """Everything a run needs that can be checked before Ray or any worker starts, so a user
     error is one line and exit 2 instead of a worker traceback minutes later: the model folder
     and its targets, the data files, the DeepSpeed config, that the switch fits in training,
-    the workers against this machine (local Ray) and the tracking server."""
+    the workers against this machine (local Ray) and the tracking server. `read_data=False` leaves
+    out reading every row (the ranks of a launcher other than rank 0: one reader per job, not one
+    per rank; the training set checks every row again when it tokenizes)."""
     check_paths(cfg)  # every input exists as a file/folder, every output folder can be made
     stage = read_deepspeed_json(cfg).get("zero_optimization", {}).get("stage")  # exists, is JSON, a known stage
     if cfg.deepspeed.strategy != "auto" and isinstance(stage, int) and stage != STAGES[cfg.deepspeed.strategy]:
@@ -153,8 +156,9 @@ def preflight(cfg: RunConfig, tracking_uri: str | None = None, world: int | None
     on_gpu = cfg.workers.use_gpu or torch.cuda.is_available()
     settle_precision(cfg, read_deepspeed_json(cfg), cfg.deepspeed.config, on_gpu, on_gpu)
     _check_model(cfg)
-    n = _check_data(cfg)
-    optimizer_steps(cfg, n, world or cfg.workers.num_workers)  # data enough for a step; the switch fits
+    if read_data:
+        n = _check_data(cfg)
+        optimizer_steps(cfg, n, world or cfg.workers.num_workers)  # data enough for a step; the switch fits
     if ray:
         _check_resources(cfg)
     uri = tracking_uri if tracking_uri is not None else cfg.tracking.uri

@@ -52,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = resolve_paths(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:  # the same checks as `tsd train`, before the process group and DeepSpeed start
-        preflight(cfg, args.tracking_uri, world=world, ray=False)
+    rank = int(os.environ.get("RANK", "0"))
+    try:  # the same checks as `tsd train`, before the process group and DeepSpeed start; rank 0
+        # alone reads every data row (a refusal there ends the others through their launcher)
+        preflight(cfg, args.tracking_uri, world=world, ray=False, read_data=rank == 0)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rank = int(os.environ.get("RANK", "0"))
     launcher = "deepspeed" if args.local_rank is not None or "DEEPSPEED_ENVIRONMENT_NAME" in os.environ else "torchrun"
     # One writer per run folder: rank 0 holds its lock from here (before anything is written,
     # --fresh included) to its exit, a failed one's too (pipeline.run_lock).
