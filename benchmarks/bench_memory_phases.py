@@ -102,9 +102,9 @@ def main() -> None:
     C.print_header("memory_phases", args)
     work = C.work_dir("tsd-bench-memphases-")
     mdir = make_model(work, args.quick)
-    from pipeline.training.partitioned_load import folder_weight_bytes
+    from pipeline.training.strategy import model_sizes
 
-    weights = folder_weight_bytes(mdir)
+    weights = model_sizes(mdir, "float32", None, 0).weight_bytes  # as the runs below load it
     budget_gb = 0.75 * weights / 2**30
     print(f"# model {weights / 2**30:.2f} GiB of fp32 weights; per-rank budget (workers.memory_budget_gb) "
           f"{budget_gb:.2f} GiB = 0.75 x the model: a whole copy does not fit a rank", flush=True)

@@ -69,6 +69,32 @@ def test_model_sizes_come_from_the_safetensors_headers(tmp_path):
     assert model_sizes(folder, "float32", None, r=4).trainable == sizes.params  # full fine-tuning
 
 
+def test_a_bfloat16_folder_trained_in_float32_is_sized_in_float32_by_the_strategy_and_zero3s_limits(tmp_path):
+    """One estimate for both decisions: the weights in the dtype the run loads them in. Sized
+    from the files, a bfloat16 folder run in float32 looked half its size to ZeRO-3's limits."""
+    from safetensors.torch import save_file
+
+    from pipeline.config import load_config
+    from pipeline.data.synthetic import make_model_dir
+    from pipeline.training.engine import zero3_is_roomy
+    from pipeline.training.strategy import run_model_sizes
+
+    folder = make_model_dir(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    save_file({k: t.to(torch.bfloat16) for k, t in load_file(str(weights)).items()}, str(weights), {"format": "pt"})
+    params = sum(t.numel() for t in load_file(str(weights)).values())
+    # Room for the files' bytes (bf16) twice over, but not for the float32 weights twice over.
+    budget_gb = 1.5 * 4 * params / 2**30
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", [f"model.path={folder}", "model.dtype=float32",
+                                                       f"workers.memory_budget_gb={budget_gb}"])
+    sizes = run_model_sizes(cfg)
+    assert sizes.weight_bytes == 4 * params
+    roomy, why = zero3_is_roomy(cfg, sizes)
+    assert not roomy and f"{4 * params / 2**30:.2f} GiB" in why and "does not fit" in why
+    # The strategy is chosen from the same sizes: data parallel needs the float32 weights whole.
+    assert choose_strategy("auto", "auto", sizes, 2, int(budget_gb * 2**30)).strategy != "ddp"
+
+
 # ----------------------------------------------------------------------------- 2-rank runs (slow)
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):

@@ -87,6 +87,16 @@ def deepspeed_config(cfg: RunConfig, strategy: str = "zero3", roomy: bool = True
 ROOMY_HEADROOM = 2.0
 
 
+
+def zero3_is_roomy(cfg: RunConfig, sizes) -> tuple[bool, str]:
+    """Whether the whole model fits every rank ROOMY_HEADROOM times over (then ZeRO-3 keeps
+    DeepSpeed's fastest limits), with why. `sizes`: strategy.run_model_sizes, the estimate the
+    strategy was chosen by (None: unknown, never roomy). Every rank calls it (collective)."""
+    from pipeline.training.memory import whole_model_fits
+
+    return whole_model_fits(cfg, sizes.weight_bytes if sizes is not None else None, ROOMY_HEADROOM)
+
+
 def zero3_limits(cfg: RunConfig, roomy: bool) -> dict[str, int]:
     """ZeRO-3's bucket and live-parameter limits for the config's "auto" values.
 

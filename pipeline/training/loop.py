@@ -41,21 +41,20 @@ from pipeline.training.base_check import check_base
 from pipeline.training.checkpoint import (choose_resume_tag, rebuild_after_resume, restore_rng, save_checkpoint,
                                          weights_only_checkpoint_engine)
 from pipeline.training.distributed import bind_device, leave_process_group, prefer_interpreter_tools, rank_and_world
-from pipeline.training.engine import (ROOMY_HEADROOM, assert_partitioned, deepspeed_config, load_model,
+from pipeline.training.engine import (assert_partitioned, deepspeed_config, load_model,
                                       lr_lambda_factory, read_deepspeed_json, refresh_master_copies, reset_optimizer_state,
                                       restart_schedule,
-                                      seed_everything)
+                                      seed_everything, zero3_is_roomy)
 from pipeline.training.faults import Faults
 from pipeline.training.memory import (PhaseMemory, gather_and_log, release_freed_heap, return_large_frees_to_os,
-                                      smallest_budget, whole_model_fits)
+                                      smallest_budget)
 from pipeline.training.nodes import (Node, check_shared_storage, gather_nodes, node_table, shared_folders,
                                      start_system_metrics)
-from pipeline.training.partitioned_load import folder_weight_bytes
 from pipeline.training.rank_failure import on_peer_failure
 from pipeline.training.reshard import (Layout, checkpoint_run_id, keep_global_batch, load_resharded, map_data_position,
                                       read_layout)
 from pipeline.training.sharded_switch import sharded_switch
-from pipeline.training.strategy import choose_strategy, model_sizes
+from pipeline.training.strategy import ModelSizes, choose_strategy, run_model_sizes
 from tsd import collectives
 from tsd.export import collect_state, save_adapter, save_full_model
 from tsd.inject import inject, tsd_layers
@@ -207,10 +206,11 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     saved = read_layout(cfg.run_dir.resolve() / "checkpoints" / tag) if tag else None
     # Before any weight is read: every node's copy of model.path is the same, and the checkpoint's base.
     base = check_base(cfg.model.path, cfg.run_dir.resolve(), tag, saved, nodes)
-    strategy = decide_strategy(cfg, world, saved)
+    sizes = run_model_sizes(cfg)  # one estimate, in the run's dtype, for the strategy and ZeRO-3's limits
+    strategy = decide_strategy(cfg, world, saved, sizes)
     roomy = True
     if strategy == "zero3":
-        roomy, why = whole_model_fits(cfg, folder_weight_bytes(cfg.model.path), ROOMY_HEADROOM)
+        roomy, why = zero3_is_roomy(cfg, sizes)
         log(f"ZeRO-3 limits: {'DeepSpeed defaults (fastest)' if roomy else 'sized to the model (least memory)'}: {why}")
         if not roomy:
             log(f"memory: {return_large_frees_to_os()}")
@@ -270,12 +270,11 @@ def setup(cfg: RunConfig, tracker, rank: int, world: int, nodes: list[Node]) -> 
     return session
 
 
-def decide_strategy(cfg: RunConfig, world: int, saved: Layout | None) -> str:
+def decide_strategy(cfg: RunConfig, world: int, saved: Layout | None, sizes: ModelSizes | None) -> str:
     """deepspeed.strategy, or for auto the fastest that fits every rank (pipeline.training.strategy);
-    logged with why. Every rank calls it (the memory budget is the smallest over the ranks)."""
+    logged with why. Every rank calls it (the memory budget is the smallest over the ranks).
+    `sizes`: strategy.run_model_sizes, the estimate ZeRO-3's limits are sized from too."""
     ds_json = read_deepspeed_json(cfg)
-    m = cfg.method
-    sizes = model_sizes(cfg.model.path, cfg.model.dtype, None if m.method == "full" else list(m.targets), m.r)
     budget, source = smallest_budget(cfg) if cfg.deepspeed.strategy == "auto" else (0, "")
     choice = choose_strategy(cfg.deepspeed.strategy, ds_json.get("zero_optimization", {}).get("stage"), sizes, world,
                              budget, source, resumed=saved.strategy if saved else None,

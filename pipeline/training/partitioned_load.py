@@ -107,18 +107,3 @@ def _fill_slice(param: torch.Tensor, source, rank: int, name: str) -> None:
     r0, r1 = start // row, -(-end // row)
     block = source[r0:r1].reshape(-1)
     local[: end - start].copy_(block[start - r0 * row : end - r0 * row].to(local.dtype))
-
-
-def folder_weight_bytes(folder) -> int | None:
-    """Bytes of a model folder's weights, from the safetensors headers (nothing loaded); None
-    when the folder has no safetensors weights."""
-    try:
-        files = weight_files(Path(folder))
-    except CannotLoadPartitioned:
-        return None
-    total = 0
-    for path in files:
-        with path.open("rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-    return total

@@ -85,6 +85,16 @@ def model_sizes(folder, dtype: str, targets: list[str] | None, r: int) -> ModelS
     return ModelSizes(params, params * run_bytes, largest * run_bytes, trainable)
 
 
+def run_model_sizes(cfg) -> ModelSizes | None:
+    """The run's one estimate of its model's size, in the dtype the run loads the weights in
+    (`weights_dtype`), not the files': a bfloat16 folder trained in float32 takes twice its files'
+    bytes. The strategy choice and ZeRO-3's limits (engine.zero3_is_roomy) both size from it."""
+    from pipeline.precision import weights_dtype
+
+    m = cfg.method
+    return model_sizes(cfg.model.path, weights_dtype(cfg), None if m.method == "full" else list(m.targets), m.r)
+
+
 def bytes_per_rank(strategy: str, sizes: ModelSizes, world: int) -> int:
     """Estimated steady memory of one rank under `strategy` (weights + trainable state), before
     the margin. ZeRO-3 adds a few gathered layers in flight (4 of the largest tensor)."""
