@@ -147,10 +147,13 @@ def weights_only_checkpoint_engine(current):
                 if os.path.exists(tmp):
                     os.unlink(tmp)
 
-        def load(self, path: str, map_location=None):
+        def load(self, path: str, map_location=None, mmap: bool = False):
+            # mmap: tensors stay in the file until read (a reshard reads only its ranges of them);
+            # only torch.save's zip format can be mapped, an older file is read whole.
+            mmap = mmap and zipfile.is_zipfile(path)
             try:
                 with torch.serialization.safe_globals(allowed):
-                    return torch.load(path, map_location=map_location, weights_only=True)
+                    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
             except pickle.UnpicklingError as e:
                 what = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
                 raise RuntimeError(

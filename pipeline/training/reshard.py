@@ -2,14 +2,15 @@
 
 DeepSpeed's ZeRO-3 loader only takes back a checkpoint written by as many ranks as are loading
 it: each rank's file holds that rank's flat slice of every trainable parameter and of its Adam
-moments. What a PEFT run trains is small (the adapter, not the base), so here every new rank
-reads all the old ranks' files, puts the full tensors back together and keeps its own new slice:
+moments. Here every new rank memory-maps all the old ranks' files and, one parameter at a time,
+reads only the old ranges that make up its own new slice (`OldRankSlices`), so its host memory is
+its share of the optimizer state, also under full fine-tuning, where every parameter trains:
 
 - the trainable parameters' fp32 master copy and Adam's `exp_avg`/`exp_avg_sq`, per parameter
-  name, cut out of the old flat slices (ZeRO-3 slices each parameter into `ceil(numel/world)`
-  pieces, padded at the end, and lays the parameters one after another in the order of the
-  checkpoint's `param_shapes`), then handed to DeepSpeed's `safe_set_full_*` API, which keeps the
-  new rank's share; the module's own (compute-precision) slice is set from the same values;
+  name (ZeRO-3 slices each parameter into `ceil(numel/world)` pieces, padded at the end, and
+  lays the parameters one after another in the order of the checkpoint's `param_shapes`), handed
+  to DeepSpeed's `safe_set_local_*` API; the module's own (compute-precision) slice is set from
+  the same values;
 - Adam's step count, the learning-rate schedule, the engine's step and sample counters and the
   loss scaler, from old rank 0's files;
 - the TSD buffers (the switches' state: selected directions, LoRA-Init's A0/B0, step flags),
@@ -154,49 +155,87 @@ def map_data_position(consumed_micro: int, saved: Layout, saved_epoch_len: int, 
 
 
 # ----------------------------------------------------------------------------- the tensors
-def _load(path: Path):
+OPTIMIZER_KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # the fp32 master copy and Adam's two moments
+
+
+def _load(path: Path, mmap: bool = False):
     from pipeline.training.checkpoint import weights_only_checkpoint_engine  # its safe loader
 
-    return weights_only_checkpoint_engine(None).load(str(path), map_location="cpu")
+    return weights_only_checkpoint_engine(None).load(str(path), map_location="cpu", mmap=mmap)
 
 
 def _partition_numel(numel: int, world: int) -> int:
     return math.ceil(numel / world)
 
 
-def full_trainable_state(tag_dir: Path, saved: Layout, bf16: bool) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(old rank 0's model-states dict, {key: {param name: full tensor}}) for key in fp32,
-    exp_avg, exp_avg_sq: the old ranks' flat slices put back together."""
-    model0 = _load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-    shapes = {name: tuple(shape) for group in model0["param_shapes"] for name, shape in group.items()}
-    flats: dict[str, list[torch.Tensor]] = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
-    optim0 = None
-    for rank in range(saved.world_size):
+class OldRankSlices:
+    """The trainable state of a ZeRO-3 tag as its ranks wrote it, read one range at a time.
+
+    Every old rank's optimizer file is memory-mapped (torch.load(mmap=True)), so nothing is read
+    until a range is asked for and a range touches only its own pages. A new rank asks for its
+    own slice of one parameter at a time (`new_slice`): what it reads and holds is its share of
+    the checkpoint, 12 bytes per parameter of that share, whatever the old and new world sizes.
+    Putting whole tensors back together instead cost every rank ~24 bytes per trainable
+    parameter, ~190 GB per rank for full fine-tuning of an 8B model."""
+
+    def __init__(self, tag_dir: Path, saved: Layout, bf16: bool) -> None:
+        self.tag_dir, self.old_world = tag_dir, saved.world_size
+        self.model0 = _load(tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt", mmap=True)
+        self.shapes = {name: tuple(shape) for group in self.model0["param_shapes"] for name, shape in group.items()}
+        # ZeRO-3 lays each parameter's ceil(numel/world) slice one after another in every rank's flat
+        self.offsets: dict[str, int] = {}
+        offset = 0
+        for name, shape in self.shapes.items():
+            self.offsets[name] = offset
+            offset += _partition_numel(math.prod(shape), self.old_world)
+        self.optimizer0: dict = {}
+        self.chunks: list[dict[str, list[torch.Tensor]]] = []  # per old rank, per key: its sub-group flats
+        for rank in range(self.old_world):
+            osd = _load(self._optim_file(rank, bf16), mmap=True)["optimizer_state_dict"]
+            self.optimizer0 = self.optimizer0 or osd
+            groups, states = osd["fp32_flat_groups"], osd["optimizer_state_dict"]["state"]
+            self.chunks.append({"fp32": [g.reshape(-1) for g in groups],
+                                **{key: [states[i][key].reshape(-1) for i in range(len(groups))]
+                                   for key in ("exp_avg", "exp_avg_sq")}})
+        for key in OPTIMIZER_KEYS:
+            held = [sum(c.numel() for c in per_rank[key]) for per_rank in self.chunks]
+            if any(n != offset for n in held):
+                raise ValueError(f"checkpoint {tag_dir}: the {key} slices hold {held} values, the parameters "
+                                 f"listed need {offset} per rank; the files do not belong together")
+
+    def _optim_file(self, rank: int, bf16: bool) -> Path:
         names = [f"{'bf16_' if bf16 else ''}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
                  f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"]
-        path = next((tag_dir / n for n in names if (tag_dir / n).is_file()), tag_dir / names[-1])
-        osd = _load(path)["optimizer_state_dict"]
-        optim0 = optim0 or osd
-        groups = osd["fp32_flat_groups"]
-        states = osd["optimizer_state_dict"]["state"]
-        flats["fp32"].append(torch.cat([g.reshape(-1).float() for g in groups]))
-        for key in ("exp_avg", "exp_avg_sq"):
-            flats[key].append(torch.cat([states[i][key].reshape(-1).float() for i in range(len(groups))]))
-    full: dict[str, dict[str, torch.Tensor]] = {key: {} for key in flats}
-    offset = 0
-    for name, shape in shapes.items():
-        numel = math.prod(shape)
-        part = _partition_numel(numel, saved.world_size)
-        for key, per_rank in flats.items():
-            pieces = [flat[offset : offset + part] for flat in per_rank]
-            full[key][name] = torch.cat(pieces)[:numel].reshape(shape).clone()
-        offset += part
-    for key, per_rank in flats.items():
-        if any(flat.numel() != offset for flat in per_rank):
-            raise ValueError(f"checkpoint {tag_dir}: the {key} slices hold {[f.numel() for f in per_rank]} values, "
-                             f"the parameters listed need {offset} per rank; the files do not belong together")
-    model0["_optimizer0"] = optim0
-    return model0, full
+        return next((self.tag_dir / n for n in names if (self.tag_dir / n).is_file()), self.tag_dir / names[-1])
+
+    def new_slice(self, name: str, key: str, start: int, size: int) -> torch.Tensor:
+        """Elements [start, start + size) of parameter `name`'s flattened full `key` tensor, as
+        float32, zero past its end (a new rank's ZeRO-3 slice: start = rank x size). Only the old
+        ranks whose slices overlap the range are read."""
+        numel, offset = math.prod(self.shapes[name]), self.offsets[name]
+        old_part = _partition_numel(numel, self.old_world)
+        out = torch.zeros(size, dtype=torch.float32)
+        stop = min(start + size, numel)
+        for rank in range(self.old_world):
+            lo, hi = max(start, rank * old_part), min(stop, (rank + 1) * old_part)
+            if lo < hi:
+                first = offset + lo - rank * old_part  # where element lo sits in old rank's flat
+                _copy_range(self.chunks[rank][key], first, first + hi - lo, out[lo - start : hi - start])
+        return out
+
+
+def _copy_range(chunks: list[torch.Tensor], begin: int, end: int, out: torch.Tensor) -> None:
+    """Copy elements [begin, end) of `chunks` laid end to end (ZeRO-3's sub-group flats) into
+    `out`, without concatenating them (a concatenation would read every chunk whole)."""
+    pos, base = 0, 0
+    for chunk in chunks:
+        lo, hi = max(begin, base), min(end, base + chunk.numel())
+        if lo < hi:
+            out[pos : pos + hi - lo].copy_(chunk[lo - base : hi - base])
+            pos += hi - lo
+        base += chunk.numel()
+        if base >= end:
+            break
 
 
 def load_resharded(engine, tag_dir: Path, saved: Layout, bf16: bool) -> dict:
@@ -204,33 +243,36 @@ def load_resharded(engine, tag_dir: Path, saved: Layout, bf16: bool) -> dict:
     Every rank calls it. Returns the checkpoint's client state (as engine.load_checkpoint does)."""
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
-    model0, full = full_trainable_state(tag_dir, saved, bf16)
+    old = OldRankSlices(tag_dir, saved, bf16)
+    model0 = old.model0
     module = engine.module
     trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    if trainable.keys() != full["fp32"].keys():
-        missing, extra = sorted(trainable.keys() - full["fp32"].keys()), sorted(full["fp32"].keys() - trainable.keys())
+    if trainable.keys() != old.shapes.keys():
+        missing, extra = sorted(trainable.keys() - old.shapes.keys()), sorted(old.shapes.keys() - trainable.keys())
         raise ValueError(f"checkpoint {tag_dir} does not fit this model: trainable parameters missing from it "
                          f"{missing[:3]}, in it but not trainable here {extra[:3]} (another method or targets?)")
     from tsd.partition import full_shape
 
+    for name, param in trainable.items():
+        if old.shapes[name] != full_shape(param):
+            raise ValueError(f"checkpoint {tag_dir}: {name} has shape {old.shapes[name]}, the model's is "
+                             f"{full_shape(param)} (another r or model?)")
     # torch's AdamW creates a parameter's state at its first step; a resumed one has it already.
     # ZeRO-3's inner optimizer steps over one flat fp32 tensor per parameter sub-group.
-    optim0 = model0.pop("_optimizer0")
+    optim0 = old.optimizer0
     saved_state = optim0["optimizer_state_dict"]
     step = saved_state["state"][0]["step"]
     inner = engine.optimizer.optimizer
     for flat in engine.optimizer.fp32_partitioned_groups_flat:
         inner.state[flat] = {"step": step.clone() if torch.is_tensor(step) else step,
                              "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
-    for name, param in trainable.items():
-        value = full["fp32"][name]
-        if tuple(value.shape) != full_shape(param):
-            raise ValueError(f"checkpoint {tag_dir}: {name} has shape {tuple(value.shape)}, the model's is "
-                             f"{full_shape(param)} (another r or model?)")
-        mine = _my_slice(param, value)
+    rank = torch.distributed.get_rank()
+    for name, param in trainable.items():  # one parameter's slices at a time: the peak is one rank's share
+        size = param.ds_tensor.numel()  # ZeRO-3's ceil(numel/world), padded at the end
+        mine = old.new_slice(name, "fp32", rank * size, size).to(param.ds_tensor.device)
         safe_set_local_fp32_param(param, mine)
-        safe_set_local_optimizer_state(param, _my_slice(param, full["exp_avg"][name]), "exp_avg")
-        safe_set_local_optimizer_state(param, _my_slice(param, full["exp_avg_sq"][name]), "exp_avg_sq")
+        for key in ("exp_avg", "exp_avg_sq"):
+            safe_set_local_optimizer_state(param, old.new_slice(name, key, rank * size, size).to(mine.device), key)
         param.ds_tensor.data.copy_(mine.view_as(param.ds_tensor).to(param.ds_tensor.dtype))  # the module's copy
 
     saved_groups = saved_state["param_groups"]  # one per optimizer group (train.dash_lr_scale makes two)
@@ -255,17 +297,3 @@ def load_resharded(engine, tag_dir: Path, saved: Layout, bf16: bool) -> dict:
     log(f"checkpoint {tag_dir.name} of {saved.world_size} rank(s) resharded onto {torch.distributed.get_world_size()} "
         f"rank(s): {len(trainable)} trainable tensors with their Adam moments, {len(buffers)} buffers")
     return model0
-
-
-def _my_slice(param, value: torch.Tensor) -> torch.Tensor:
-    """This rank's ZeRO-3 slice of a full tensor: `ds_tensor`'s length, zero-padded at the end.
-    (DeepSpeed's `safe_set_full_*` cut past the end of a tensor whose size the world does not
-    divide, on the last rank, so the local API is given the padded slice instead.)"""
-    import torch.distributed as dist
-
-    size = param.ds_tensor.numel()
-    start = dist.get_rank() * size
-    flat = value.reshape(-1)[start : start + size].float()
-    out = torch.zeros(size, dtype=torch.float32, device=param.ds_tensor.device)
-    out[: flat.numel()].copy_(flat)
-    return out
