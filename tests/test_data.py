@@ -30,16 +30,15 @@ from pipeline.data.tasks import (
     tokenize_example,
     write_records,
 )
-from pipeline.data.prepare import (
+from pipeline.data.packages import cache_root
+from pipeline.data.prepare import prepare_data, prepare_user_file
+from pipeline.data.task_packages import (
     EVALS,
     Item,
     _parse_quartz,
     _parse_siqa,
     _parse_strategyqa,
     build_task_records,
-    cache_root,
-    prepare_data,
-    prepare_user_file,
     resolve_test_size,
     split_ids,
     split_records,
@@ -574,7 +573,7 @@ def test_train_loader_resumes_mid_epoch_and_leaves_the_global_rng_alone():
 def test_the_default_cache_is_the_repository_s_own_dot_cache(monkeypatch):
     """configs/*.yaml and launch/demo.sh name .cache/models/... and .cache/data/... under the
     repository: the default must be that folder wherever prepare.py lives in the package."""
-    from pipeline.data.prepare import cache_root
+    from pipeline.data.packages import cache_root
 
     monkeypatch.delenv("TSD_CACHE", raising=False)
     repo = Path(__file__).resolve().parents[1]

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.labelled import encode_labels, label_names, load_labelled, write_labelled
-from pipeline.data.prepare import (
+from pipeline.data.prepare import prepare_data, prepare_user_file
+from pipeline.data.task_packages import (
     BIGBENCH,
     CLS_TASKS,
     EVALS,
@@ -30,8 +31,6 @@ from pipeline.data.prepare import (
     _parse_sarcasm,
     _parse_winowhy,
     build_cls_records,
-    prepare_data,
-    prepare_user_file,
 )
 from pipeline.data.tasks import DataError
 

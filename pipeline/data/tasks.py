@@ -107,7 +107,7 @@ ANSWER_PATTERNS: dict[str, str] = {
 _COMPILED = {k: re.compile(v) for k, v in ANSWER_PATTERNS.items()}
 
 # Task name -> answer family. The eight harness tasks as the harness names them, plus the real
-# tasks this project builds from packages (pipeline/data/prepare.py).
+# tasks this project builds from packages (pipeline/data/task_packages.py).
 TASK_ANSWER_FORMAT: dict[str, str] = {
     "boolq": "truefalse",
     "piqa": "solution",

@@ -113,7 +113,7 @@ def run_lines(run_id: str, experiment: str, uri: str) -> list[str]:
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
-    from pipeline.data.prepare import prepare_encoder, prepare_model
+    from pipeline.data.packaged_models import prepare_encoder, prepare_model
 
     path = (prepare_encoder if args.name == "minilm" else prepare_model)(args.cache)
     print(path)
