@@ -77,43 +77,9 @@ def table(headers, rows) -> str:
 
 
 # ----------------------------------------------------------------------------- memory (Linux)
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def rss_mb() -> float:
-    return _status_kb("VmRSS") / 1024.0
-
-
-def peak_rss_mb() -> float:
-    return _status_kb("VmHWM") / 1024.0
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's resident high-water mark (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def trim_malloc() -> None:
-    """Give freed heap memory back to the OS (glibc), so the next peak starts from a clean RSS."""
-    import gc
-
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except Exception:
-        pass
+# One RSS reader for the project and its benchmarks (pipeline/training/memory.py).
+from pipeline.training.memory import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402,F401
+from pipeline.training.memory import trim_heap as trim_malloc  # noqa: E402,F401
 
 
 # ----------------------------------------------------------------------------- machine

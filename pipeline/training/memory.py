@@ -36,7 +36,19 @@ def _status_mb(field: str) -> float:
     return float("nan")
 
 
-def _reset_peak_rss() -> bool:
+def rss_mb() -> float:
+    """This process's resident memory now, MiB (nan where /proc is missing). The one RSS reader
+    of the project: the phases here and the benchmarks (benchmarks/_common.py) use it."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """This process's resident high-water mark (VmHWM) since the start or the last reset, MiB."""
+    return _status_mb("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark to the current RSS; False where the kernel cannot (Linux < 4.0)."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # "reset the peak resident set size" (Linux >= 4.0)
@@ -45,7 +57,8 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
+    """Collect garbage and hand freed heap pages back, so the next peak starts from a clean RSS."""
     gc.collect()
     release_freed_heap()
 
@@ -72,12 +85,12 @@ class PhaseMemory:
         self.rss_mb: dict[str, float] = {}
         self.cuda_mb: dict[str, float] = {}
         self.resets = True  # False where the high-water mark cannot be reset: peaks are since the start
-        self.baseline_rss_mb = _status_mb("VmRSS")  # the process before the model: interpreter, libraries
+        self.baseline_rss_mb = rss_mb()  # the process before the model: interpreter, libraries
 
     def enter(self, phase: str) -> None:
         self._close()
-        _trim_heap()
-        self.resets = _reset_peak_rss() and self.resets
+        trim_heap()
+        self.resets = reset_peak_rss() and self.resets
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self.current = phase
@@ -85,7 +98,7 @@ class PhaseMemory:
     def _close(self) -> None:
         if self.current is None:
             return
-        self.rss_mb[self.current] = max(self.rss_mb.get(self.current, 0.0), _status_mb("VmHWM"))
+        self.rss_mb[self.current] = max(self.rss_mb.get(self.current, 0.0), peak_rss_mb())
         if torch.cuda.is_available():
             peak = torch.cuda.max_memory_allocated() / 2**20
             self.cuda_mb[self.current] = max(self.cuda_mb.get(self.current, 0.0), peak)
