@@ -59,30 +59,40 @@ def _truncate(f: Path):
     f.write_bytes(data[: len(data) // 2])
 
 
+# One way a tag can be broken per tag, newest first: `latest` names step5, and each of step5..step2
+# is broken differently, so one resume must walk past all four to step1 (one 2-rank launch for
+# four corruptions; each is named by the rank that finds it). The check line each one gives.
 CORRUPTIONS = {
-    "truncated-model-states-rank1": lambda tag: _truncate(tag / "zero_pp_rank_1_mp_rank_00_model_states.pt"),
-    "deleted-optim-states-rank0": lambda tag: (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink(),
-    "empty-rng-rank0": lambda tag: (tag / "rng_rank0.safetensors").write_bytes(b""),
-    "tag-folder-gone": lambda tag: shutil.rmtree(tag),
+    "step5": (lambda tag: shutil.rmtree(tag), "{tag} does not exist"),
+    "step4": (lambda tag: _truncate(tag / "zero_pp_rank_1_mp_rank_00_model_states.pt"),
+              "{tag}/zero_pp_rank_1_mp_rank_00_model_states.pt is empty or truncated"),
+    "step3": (lambda tag: (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink(),
+              "{tag}/zero_pp_rank_0_mp_rank_00_optim_states.pt is missing"),
+    "step2": (lambda tag: (tag / "rng_rank0.safetensors").write_bytes(b""),
+              "{tag}/rng_rank0.safetensors is empty or truncated"),
 }
 
 
-@pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_tag(workdir, full_run, corruption):
-    """A crash at step 4 that left `latest` -> step4 but step4 broken: resume from step3."""
-    name = f"corrupt-{corruption}"
+def test_corrupt_latest_checkpoint_falls_back_past_every_broken_tag(workdir, full_run):
+    """A crash that left `latest` -> step5 with step5 gone, step4's rank-1 model states truncated,
+    step3's rank-0 optimizer states deleted and step2's rank-0 RNG file empty: every rank resumes
+    from step1, the newest whole tag, and ends with the uninterrupted run's adapter (through both
+    switches again, at steps 2 and 4)."""
+    name = "corrupt"
     ckpt = workdir / "runs" / name / "checkpoints"
     shutil.copytree(workdir / "runs/full/checkpoints", ckpt)
-    for later in (5, 6):
-        shutil.rmtree(ckpt / f"step{later}")
-    (ckpt / "latest").write_text("step4")
-    CORRUPTIONS[corruption](ckpt / "step4")
+    shutil.rmtree(ckpt / "step6")
+    (ckpt / "latest").write_text("step5")
+    for tag, (corrupt, _) in CORRUPTIONS.items():
+        corrupt(ckpt / tag)
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**full_run, "name": name}))
     proc = _worker(path)
-    assert f"the latest checkpoint 'step4' in {ckpt} is incomplete or corrupt" in proc.stderr
-    assert "resuming from the newest whole older checkpoint 'step3' instead" in proc.stderr
-    assert "at optimizer step 3" in proc.stderr
+    for tag, (_, line) in CORRUPTIONS.items():
+        assert "checkpoint check: " + line.format(tag=ckpt / tag) in proc.stderr, (tag, proc.stderr[-6000:])
+    assert f"the latest checkpoint 'step5' in {ckpt} is incomplete or corrupt" in proc.stderr
+    assert "resuming from the newest whole older checkpoint 'step1' instead" in proc.stderr
+    assert "at optimizer step 1" in proc.stderr
     want = load_file(str(workdir / "runs/full/adapter/tsd_state.safetensors"))
     got = load_file(str(workdir / "runs" / name / "adapter/tsd_state.safetensors"))
     assert want.keys() == got.keys()
