@@ -262,12 +262,26 @@ def _losses(cfg: dict, name: str):
     return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}, run
 
 
-@pytest.mark.parametrize("ranks", [1, 3])
-def test_a_two_rank_checkpoint_resumes_on_another_number_of_ranks(two_rank_run, ranks):
-    """The step-5 checkpoint (after both switches) continued on 1 and on 3 ranks: the same loss
-    at steps 6-8 as the 2-rank run within float32 reduction-order error (rel 1e-5; measured
-    ~1e-7), the same adapter (<= 1e-6; measured 7e-9) and bit-identical TSD state."""
+TSD_STATE = (".dash_U", ".dash_V", ".dash_indices", ".dash_step", ".init_A0", ".init_B0", ".init_indices", ".init_step")
+
+
+def _assert_same_adapter(ref: dict, new: dict) -> None:
+    """The TSD state bit-identical, the trained tensors within float32 reduction-order error."""
+    assert ref.keys() == new.keys()
+    for k in ref:
+        if any(b in k for b in TSD_STATE):
+            assert torch.equal(new[k], ref[k]), f"TSD state {k} differs"
+        else:
+            torch.testing.assert_close(new[k], ref[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_a_two_rank_checkpoint_resumes_on_three_ranks(two_rank_run):
+    """The step-5 checkpoint (after both switches) continued on 3 ranks: the same loss at steps
+    6-8 as the 2-rank run within float32 reduction-order error (rel 1e-5; measured ~1e-7), the
+    same adapter (<= 1e-6; measured 7e-9) and bit-identical TSD state. Onto 1 rank: the next
+    test (a crashed run rerun there), which checks the same."""
     wd, cfg = two_rank_run
+    ranks = 3
     name = f"on{ranks}"
     ckpt = wd / "runs" / name / "checkpoints"
     shutil.copytree(wd / "runs/two/checkpoints/step5", ckpt / "step5")
@@ -286,22 +300,16 @@ def test_a_two_rank_checkpoint_resumes_on_another_number_of_ranks(two_rank_run, 
         assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
     assert run.data.tags["resharded"] == f"2 -> {ranks} ranks at step 5"
 
-    ref = load_file(str(wd / "runs/two/adapter/tsd_state.safetensors"))
-    new = load_file(str(wd / "runs" / name / "adapter/tsd_state.safetensors"))
-    assert ref.keys() == new.keys()
-    for k in ref:
-        if any(b in k for b in (".dash_U", ".dash_V", ".dash_indices", ".dash_step", ".init_A0", ".init_B0",
-                                ".init_indices", ".init_step")):
-            assert torch.equal(new[k], ref[k]), f"TSD state {k} differs"
-        else:
-            torch.testing.assert_close(new[k], ref[k], atol=1e-6, rtol=0, msg=k)
+    _assert_same_adapter(load_file(str(wd / "runs/two/adapter/tsd_state.safetensors")),
+                         load_file(str(wd / "runs" / name / "adapter/tsd_state.safetensors")))
 
 
 def test_a_crashed_run_rerun_on_one_rank_continues_in_its_mlflow_run(two_rank_run):
     """The same config as the 2-rank run under another name, stopped by a NaN at step 7 (its
-    MLflow run FAILED, checkpoint step6 kept), rerun on 1 rank without the fault: the same MLflow
-    run continues (restarts = 1, resharded 2 -> 1), steps 7-8 land in it with the 2-rank run's
-    losses, and it ends FINISHED with the 2-rank run's adapter."""
+    MLflow run FAILED, checkpoint step6 kept, after both switches), rerun on 1 rank without the
+    fault: resharded 2 -> 1 (grad_accum 3 -> 6), the same MLflow run continues (restarts = 1),
+    steps 7-8 land in it with the 2-rank run's losses (rel 1e-5), and it ends FINISHED with the
+    2-rank run's adapter (<= 1e-6) and bit-identical TSD state."""
     import mlflow
 
     wd, cfg = two_rank_run
@@ -316,6 +324,8 @@ def test_a_crashed_run_rerun_on_one_rank_continues_in_its_mlflow_run(two_rank_ru
     proc = torchrun_worker(path, nproc=1)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "continuing MLflow run" in proc.stderr
+    assert "train.grad_accum 3 -> 6" in proc.stderr
+    assert "resharded onto 1 rank(s)" in proc.stderr and "at optimizer step 6" in proc.stderr
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'cut'")
     assert len(runs) == 1, "a rerun must not create a second MLflow run"
     run = runs[0]
@@ -328,5 +338,4 @@ def test_a_crashed_run_rerun_on_one_rank_continues_in_its_mlflow_run(two_rank_ru
         assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
     ref = load_file(str(wd / "runs/two/adapter/tsd_state.safetensors"))
     new = load_file(str(wd / "runs/cut/adapter/tsd_state.safetensors"))
-    for k in ref:
-        torch.testing.assert_close(new[k], ref[k], atol=1e-6, rtol=0, msg=k)
+    _assert_same_adapter(ref, new)
