@@ -107,3 +107,35 @@ def naive_rates(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: floa
 def outer_products(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """(c, m, n): u_i v_i^T for each column i -- invariant under the SVD sign flip."""
     return torch.einsum("mc,nc->cmn", U, V)
+
+
+# ----------------------------------------------------------------------------- profiling the suite
+# TSD_TEST_PROFILE=FILE appends one JSON line per test phase: wall seconds and CPU seconds of the
+# test process and of its reaped children (torchrun, its ranks, `tsd` commands). CPU seconds hold
+# while other work shares the cores, which wall seconds do not (docs/TESTING.md); Ray's daemons
+# are not reaped by the test, so Ray tests are undercounted there.
+import os as _os  # noqa: E402
+import time as _time  # noqa: E402
+
+import pytest as _pytest  # noqa: E402
+
+_PROFILE = _os.environ.get("TSD_TEST_PROFILE")
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+if _PROFILE:
+    @_pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        import json
+
+        t0, c0 = _time.perf_counter(), _cpu_seconds()
+        yield
+        with open(_PROFILE, "a") as f:
+            f.write(json.dumps({"test": item.nodeid, "wall_s": round(_time.perf_counter() - t0, 2),
+                                "cpu_s": round(_cpu_seconds() - c0, 2)}) + "\n")
