@@ -170,23 +170,30 @@ def test_deepspeed_launcher_runs_the_same_loop_to_the_same_adapter(workdir, ray_
 
 def test_partitioned_evaluation_predicts_what_the_whole_copy_predicts(workdir, launcher_run):
     """train.eval_model auto with a per-rank budget smaller than the model: the evaluation runs
-    on the ZeRO-3 model itself (synced generation, padding calls for the rank with fewer rows),
-    and predicts exactly what the launcher run's whole copies predicted (same config and seed,
-    hence the same adapter; there auto chose the whole copy, as the tiny model fits)."""
+    on the ZeRO-3 model itself (synced generation) and predicts exactly what the launcher run's
+    whole copies predicted for the same rows (same config and seed, hence the same adapter;
+    there auto chose the whole copy, as the tiny model fits). Its two test sets are the first 3
+    rows (an odd count: rank 1 runs one padding call) and the first row alone (rank 1 has no
+    row at all and only pads): a rank that skipped its padding calls would hang the others."""
     from proc_group import torchrun_worker
 
+    rows = json.loads((ROOT / "tests/data/tiny_train.json").read_text())
+    sizes = {"social_i_qa": 3, "ARC-Easy": 1}
+    for task, n in sizes.items():
+        (workdir / f"first{n}.json").write_text(json.dumps(rows[:n]))
     path = _config(workdir, "tr-dash-partitioned")
     cfg = yaml.safe_load(path.read_text())
     cfg["workers"].update(memory_budget_gb=1e-6)
+    cfg["data"]["test"] = [str(workdir / "first3.json"), f"ARC-Easy={workdir / 'first1.json'}"]
     path.write_text(yaml.safe_dump(cfg))
     proc = torchrun_worker(path)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     assert "with the partitioned model (the whole model" in proc.stderr and "does not fit" in proc.stderr
     assert "with the whole model (the whole model" in launcher_run["proc"].stdout + launcher_run["proc"].stderr
-    for task in ("social_i_qa", "ARC-Easy"):
-        whole = (launcher_run["dir"] / f"eval/predictions/{task}.jsonl").read_text()
-        part = (workdir / f"runs/tr-dash-partitioned/eval/predictions/{task}.jsonl").read_text()
-        assert part == whole and len(part.splitlines()) == 4
+    for task, n in sizes.items():
+        whole = (launcher_run["dir"] / f"eval/predictions/{task}.jsonl").read_text().splitlines()
+        part = (workdir / f"runs/tr-dash-partitioned/eval/predictions/{task}.jsonl").read_text().splitlines()
+        assert len(whole) == 4 and part == whole[:n]
 
 
 def test_bad_config_is_a_clear_error_without_traceback(workdir):
