@@ -200,7 +200,7 @@ class TrainConfig:
     eval_limit: OptionalCount = None  # the first N rows of each test set
     eval_batch_size: Count = 1  # rows generated together (left-padded); the paper's harness uses 1
     # Evaluate on a whole model copy per rank (fast) or on the ZeRO-3 partitioned model (memory /
-    # world); auto: whole when it fits every rank's budget (pipeline.evaluate.choose_eval_model).
+    # world); auto: whole when it fits every rank's budget (pipeline.eval_memory.choose_eval_model).
     eval_model: Literal["auto", "whole", "partitioned"] = "auto"
 
 
@@ -229,7 +229,7 @@ class WorkersConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # The memory one rank may use, in GiB; None: measured (a GPU's free memory, or the node's
     # available RAM shared by its ranks). Decides whether a whole model copy fits a rank
-    # (ZeRO-3's limits, the evaluation path: pipeline.training.memory.whole_model_fits).
+    # (ZeRO-3's limits: training.memory.whole_model_fits; the evaluation path: eval_memory).
     memory_budget_gb: PositiveNumber | None = None
 
 

@@ -54,13 +54,14 @@ from pipeline.data.tasks import (
     response_text,
 )
 from pipeline.config import RunConfig
+from pipeline.eval_memory import EVAL_PARTITIONED, EVAL_TRAINED, EVAL_WHOLE, choose_eval_model
 from pipeline.file_checks import check_adapter_folder, check_model_folder
 from pipeline.logs import log
 from pipeline.model_task import HEAD_MODULES, head_config, task_of_folder
 from pipeline.precision import weights_dtype
 from pipeline.training.distributed import bind_device, leave_process_group, rank_and_world
 from pipeline.training.engine import release_training_state
-from pipeline.training.memory import release_freed_heap, whole_model_fits
+from pipeline.training.memory import release_freed_heap
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import DB_FILE, check_reachable, resolve_tracking_uri
@@ -337,32 +338,6 @@ def log_results(result: Mapping[str, Any], tracking_uri: str, run_id: str, out_d
 
 # ----------------------------------------------------------------------------- loading
 # ----------------------------------------------------------------------------- after training
-EVAL_WHOLE = "whole"  # each rank its own unpartitioned copy: fast generation, one model per rank
-EVAL_PARTITIONED = "partitioned"  # the ZeRO-3 model itself: memory model/world, every token gathers
-EVAL_TRAINED = "trained"  # ZeRO-2 / data parallel: the trained model, whole on every rank already
-# A whole copy costs its weights plus generation's own memory (activations, beams' KV cache);
-# the headroom below covers the latter for the harness's batch sizes.
-WHOLE_COPY_HEADROOM = 1.25
-
-
-def model_bytes(module) -> int:
-    """Bytes of the whole model (parameters at their full size, partitioned or not, and buffers)."""
-    params = sum(int(getattr(p, "ds_numel", p.numel())) * p.element_size() for p in module.parameters())
-    return params + sum(b.numel() * b.element_size() for b in module.buffers())
-
-
-def choose_eval_model(cfg: RunConfig, module) -> tuple[str, str]:
-    """(EVAL_WHOLE or EVAL_PARTITIONED, why). Every rank calls it and all get the same answer
-    (the partitioned path is collective): a whole copy only when it fits on every rank."""
-    setting = cfg.train.eval_model
-    need = model_bytes(module)
-    if not _is_partitioned(module):
-        # ZeRO-2 / data parallel: the trained model is whole on every rank already; no copy needed
-        return EVAL_TRAINED, "the trained model is whole on every rank (not ZeRO-3)"
-    if setting != "auto":
-        return setting, f"train.eval_model: {setting}; the whole model is {need / 2**30:.2f} GiB"
-    fits, why = whole_model_fits(cfg, need, WHOLE_COPY_HEADROOM)
-    return (EVAL_WHOLE if fits else EVAL_PARTITIONED), f"{why}; train.eval_model: whole|partitioned overrides"
 
 
 def unpartitioned_copy(cfg: RunConfig, state: dict):
@@ -374,13 +349,14 @@ def unpartitioned_copy(cfg: RunConfig, state: dict):
     """
     unset_hf_deepspeed_config()  # from here on from_pretrained must not partition
     full = cfg.method.method == "full"  # the exported fine-tuned model itself, no adapter
+    # Straight onto this rank's GPU, weight by weight (device_map): built in host memory first, a
+    # whole copy per rank would need the node's RAM to hold every local rank's model at once.
+    on_gpu = {"device_map": {"": torch.device("cuda", torch.cuda.current_device())}} if torch.cuda.is_available() else {}
     model = AutoModelForCausalLM.from_pretrained(str(cfg.run_dir.resolve() / "model") if full else cfg.model.path,
                                                  dtype=getattr(torch, weights_dtype(cfg)),
-                                                 trust_remote_code=cfg.model.trust_remote_code)
+                                                 trust_remote_code=cfg.model.trust_remote_code, **on_gpu)
     if not full:
-        apply_state(model, cfg.method.tsd(), state)
-    if torch.cuda.is_available():
-        model = model.to(torch.device("cuda", torch.cuda.current_device()))
+        apply_state(model, cfg.method.tsd(), state)  # the layers are made on their base weight's device
     return model.eval()
 
 
@@ -406,10 +382,14 @@ def evaluate_after_training(engine, adapter_state: dict, tokenizer, cfg: RunConf
                                          classes, batch_size=t.eval_batch_size, cutoff_len=cfg.data.cutoff_len,
                                          limit=t.eval_limit)
         return _record(result, run_dir, tracker, step, how)
+    # The optimizer state goes first, then the choice counts what is really left (for full
+    # fine-tuning the state is several times the model); the model's slices go only for a copy.
+    release_training_state(engine, keep_module=True)
     how, why = choose_eval_model(cfg, engine.module)
     log(f"evaluating on {', '.join(sets)} with the {how} model ({why}); beams {t.eval_num_beams}, "
         f"max new tokens {t.eval_max_new_tokens}, batch {t.eval_batch_size}, limit {t.eval_limit} rows per task")
-    release_training_state(engine, keep_module=how != EVAL_WHOLE)
+    if how == EVAL_WHOLE:
+        release_training_state(engine, keep_module=False)
     eval_model = unpartitioned_copy(cfg, adapter_state) if how == EVAL_WHOLE else engine.module
     result = evaluate_tasks(
         eval_model, tokenizer, {task: load_records(path) for task, path in sets.items()},
