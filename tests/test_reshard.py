@@ -145,7 +145,10 @@ def status_mb(field):
             return int(line.split()[1]) / 1024
 
 
-open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident set
+try:
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak resident set
+except OSError:
+    sys.exit(3)  # the peak cannot be reset here: it would include the imports
 before = status_mb("VmRSS")
 old = OldRankSlices(tag, Layout(old_world), bf16=False)
 total = 0.0
@@ -165,6 +168,7 @@ def test_resharding_reads_one_ranks_share_not_the_whole_optimizer_state(tmp_path
     granularity: a touched range of a mapped file brings in whole folios, up to 2 MiB per parameter
     and key). Putting the whole tensors back together on every rank, as it once did, measured
     1091 MiB here."""
+    import os
     import subprocess
     import sys
 
@@ -172,8 +176,10 @@ def test_resharding_reads_one_ranks_share_not_the_whole_optimizer_state(tmp_path
     _write_zero3_tag(tmp_path, shapes, None, old_world=2, cuts=(5_000_000,))
     script = tmp_path / "measure.py"
     script.write_text(_MEASURE_NEW_SLICES)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "2", "1", "4"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "2", "1", "4"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode == 3:
+        pytest.skip("/proc/self/clear_refs cannot reset the peak resident set here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     peak_mb, total = (float(x) for x in proc.stdout.split()[-2:])
     share_mb = 12 * 24_000_000 / 4 / 2**20
