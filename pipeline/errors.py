@@ -36,6 +36,12 @@ import zlib
 from pipeline.tracking.secrets import mask_secrets
 
 
+class DataError(ValueError):
+    """A data file is unusable; the message names the file and, for a bad row, the row and field.
+    (Here, not in pipeline.data.tasks, so that every data module can raise it without importing
+    the others; pipeline.data.tasks re-exports it.)"""
+
+
 class CorruptFileError(ValueError):
     """A file exists but is truncated or garbage; the message names the file and what is wrong."""
 

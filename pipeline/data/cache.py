@@ -36,7 +36,7 @@ from pathlib import Path
 
 import datasets
 
-from pipeline.data.tasks import DataError
+from pipeline.errors import DataError
 from pipeline.logs import log
 from tsd import collectives
 

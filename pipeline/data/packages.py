@@ -18,7 +18,7 @@ import zipfile
 from pathlib import Path
 
 from pipeline.logs import log
-from pipeline.data.tasks import DataError
+from pipeline.errors import DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # pipeline/data/packages.py -> the repository
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import datasets
 
-from pipeline.data.tasks import DataError
+from pipeline.errors import DataError
 
 HUB_PREFIX = "hub:"
 SUFFIX_FORMAT = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

@@ -32,11 +32,9 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import DataError  # noqa: F401 -- raised here, and imported from here by callers
+
 IGNORE_INDEX = -100  # label value the loss ignores (prompt tokens when train_on_inputs=False)
-
-
-class DataError(ValueError):
-    """A data file is unusable; the message names the file and, for a bad row, the row and field."""
 
 
 # ----------------------------------------------------------------------------- prompts

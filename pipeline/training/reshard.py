@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from pipeline.logs import log
+from pipeline.training.weights_only import weights_only_checkpoint_engine
 
 LAYOUT_FILE = "layout.json"  # per tag: how many ranks wrote it, with which batch settings
 
@@ -159,8 +160,6 @@ OPTIMIZER_KEYS = ("fp32", "exp_avg", "exp_avg_sq")  # the fp32 master copy and A
 
 
 def _load(path: Path, mmap: bool = False):
-    from pipeline.training.checkpoint import weights_only_checkpoint_engine  # its safe loader
-
     return weights_only_checkpoint_engine(None).load(str(path), map_location="cpu", mmap=mmap)
 
 
