@@ -9,7 +9,7 @@ sarcasm headlines are 44/56) it says what accuracy hides. The macro average of a
 Sharded like generation (pipeline.evaluate): rank k scores rows k::world and the rows are
 gathered on every rank. Under ZeRO-3 every forward is a collective, so every rank makes the
 same number of forward calls; a rank out of rows makes padding calls and drops their results
-(`rank_batches` and `gather_rows`, shared with generation).
+(pipeline.eval_rows, shared with generation).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.data.loader import collate_labelled, tokenize_labelled
-from pipeline.evaluate import gather_rows, rank_batches
+from pipeline.eval_rows import gather_rows, rank_batches
 from pipeline.logs import log
 from pipeline.training.distributed import rank_and_world
 from tsd.partition import is_partitioned

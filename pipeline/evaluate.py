@@ -28,7 +28,6 @@ line always matches.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -56,6 +55,7 @@ from pipeline.data.tasks import (
 from pipeline.config import RunConfig
 from pipeline.eval_memory import EVAL_PARTITIONED, EVAL_TRAINED, EVAL_WHOLE, choose_eval_model
 from pipeline.file_checks import check_adapter_folder, check_model_folder
+from pipeline.eval_rows import gather_rows, rank_batches
 from pipeline.logs import log
 from pipeline.model_task import HEAD_MODULES, head_config, task_of_folder
 from pipeline.precision import weights_dtype
@@ -65,7 +65,6 @@ from pipeline.training.memory import release_freed_heap
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import DB_FILE, check_reachable, resolve_tracking_uri
-from tsd import collectives
 from tsd.export import SIDECAR, apply_state, load_adapter, read_sidecar
 from tsd.partition import is_partitioned
 
@@ -268,27 +267,6 @@ def _task_rows(model, tokenizer, task: str, records: Sequence[Mapping[str, Any]]
         bar.update(len(idx))
     bar.close()
     return rows
-
-
-def rank_batches(n_rows: int, batch_size: int, synced: bool) -> list[list[int] | None]:
-    """This rank's share of rows 0..n_rows-1 (rows rank::world), in batches of row indices. With
-    `synced` (ZeRO-3: every forward gathers weights, a collective) the ranks with fewer batches
-    get `None` entries, a padding call each, so every rank makes the same number of calls."""
-    rank, world = rank_and_world()
-    mine = list(range(rank, n_rows, world))
-    batches: list[list[int] | None] = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    if synced:
-        most = math.ceil(math.ceil(n_rows / world) / batch_size)
-        batches += [None] * (most - len(batches))
-    return batches
-
-
-def gather_rows(local: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Every rank's scored rows (each with its "index"), merged per set in file order, on every rank."""
-    parts = collectives.all_gather_object(local)
-    return {task: sorted((row for part in parts for row in part[task]), key=lambda r: r["index"]) for task in local}
-
-
 
 
 def result_lines(result: Mapping[str, Any]) -> list[str]:
