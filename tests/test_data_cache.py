@@ -287,7 +287,8 @@ def test_a_hub_name_resolves_only_from_the_local_cache_when_offline(tmp_path, to
 def test_the_config_check_takes_saved_folders_and_hub_names_and_names_other_folders(tmp_path):
     """check_paths (before anything starts) lets a save_to_disk folder and a hub name through to
     pipeline.data.sources, and still refuses a plain folder, naming what it accepts."""
-    from pipeline.config import ConfigError, check_paths, from_dict
+    from pipeline.config import ConfigError, from_dict
+    from pipeline.launch.path_checks import check_paths
     from pipeline.paths import resolve_paths
     from proc_group import tiny_config
 

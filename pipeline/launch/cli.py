@@ -136,7 +136,7 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.config import check_folder_can_be_made
+    from pipeline.launch.path_checks import check_folder_can_be_made
     from pipeline.evaluate import result_lines, run_evaluation
 
     if args.out:  # before the generation (minutes to hours), not when writing its results

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from pipeline.config import ConfigError, RunConfig, check_paths
+from pipeline.config import ConfigError, RunConfig
 from pipeline.data.tasks import extract_answer, load_many, load_records
 from pipeline.evaluate import row_format
 from pipeline.file_checks import check_model_folder
 from pipeline.data.loader import class_names
+from pipeline.launch.path_checks import check_paths
 from pipeline.logs import log
 from pipeline.model_task import model_class
 from pipeline.precision import settle as settle_precision

@@ -363,3 +363,47 @@ def summarize_run(tracking_uri: str, run_id: str) -> dict:
         "metrics": dict(run.data.metrics),
         "artifacts": list_artifacts(mlflow_client, run_id),
     }
+
+
+# ----------------------------------------------------------------------------- the URI's form (config check)
+_SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's database stores (+driver allowed)
+_KNOWN_SCHEMES = ("", "file", "http", "https", "databricks", *_SQL_SCHEMES)
+
+
+def tracking_uri_problem(uri: str) -> str | None:
+    """What is wrong with the form of `uri` as tracking.uri (its password masked), or None:
+    pipeline.config refuses the config with it, before anything connects."""
+    shown = mask_secrets(uri)  # never echo a password
+    parts = urlsplit(uri)
+    scheme = parts.scheme.split("+", 1)[0].lower()
+    if scheme not in _KNOWN_SCHEMES and not _mlflow_knows_scheme(uri):
+        return (f"tracking.uri: unknown scheme {parts.scheme!r} in {shown!r}; use sqlite:///path/mlflow.db, "
+                f"http(s)://host:port (an mlflow server) or file:///path")
+    if parts.scheme.lower() == "sqlite" and sqlite_path(uri) is None:  # (sqlite+driver: left to MLflow)
+        # Driver and workers are separate processes: an in-memory store is a different empty
+        # store in each, and the workers would not find the driver's run.
+        return (f"tracking.uri: {shown!r} names no database file (an in-memory sqlite store is not shared with the "
+                f"workers); write sqlite:///relative/mlflow.db or sqlite:////absolute/mlflow.db")
+    if scheme in ("http", "https"):
+        if not parts.hostname:
+            return f"tracking.uri: {shown!r} names no host; e.g. http://127.0.0.1:5000"
+        try:
+            parts.port
+        except ValueError:
+            return f"tracking.uri: {shown!r}: port out of range (0-65535)"
+    return None
+
+
+def _mlflow_knows_scheme(uri: str) -> bool:
+    """True when an MLflow store plugin handles `uri` (or when MLflow's registry cannot be asked)."""
+    # Deferred: importing MLflow costs seconds, and only an unusual scheme needs it.
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    except ImportError:  # a private MLflow name moved: let MLflow itself judge the URI later
+        return True
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        return False
+    return True
