@@ -138,7 +138,7 @@ def worker(variant: str, config: str, out: Path, before_module: str | None) -> i
     import deepspeed.runtime.engine as ds_engine
     import torch.distributed as dist
 
-    import pipeline.training.loop as loop
+    import pipeline.training.session as loop  # set-up builds the training set
 
     current = loop.training_dataset
     if variant == "before":

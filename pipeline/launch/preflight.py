@@ -27,7 +27,7 @@ from pipeline.tracking.registry import model_registry_problem
 from pipeline.tracking.store import check_reachable
 from pipeline.training.engine import read_deepspeed_json
 from pipeline.training.strategy import STAGES
-from pipeline.training.loop import optimizer_steps
+from pipeline.training.session import optimizer_steps
 from tsd.inject import inject
 
 
