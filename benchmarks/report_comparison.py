@@ -102,7 +102,7 @@ def dash_activations(run_dir: Path, rows: int) -> dict[str, float]:
     LoRA-Dash run: the update is scaling B A + the dash term, against the original base)."""
     from pipeline.data.labelled import load_labelled
     from pipeline.data.loader import tokenize_labelled
-    from pipeline.evaluate import load_model
+    from pipeline.eval_command import load_model
     from tsd.inject import tsd_layers
 
     config = json.loads((run_dir / "run_config.json").read_text())

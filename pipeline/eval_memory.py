@@ -1,5 +1,5 @@
 """Where the evaluation after training generates: a whole copy of the model per rank, or the
-ZeRO-3 model itself (pipeline.evaluate.evaluate_after_training).
+ZeRO-3 model itself (pipeline.eval_after_training.evaluate_after_training).
 
 The decision is taken after training's optimizer state is freed (release_training_state), and
 counts what the device of each rank really has for the copy:

@@ -231,7 +231,7 @@ def test_the_ray_entry_binds_the_gpu_ray_assigned(cuda_calls, tiny_cfg, monkeypa
 
 
 def test_the_evaluation_entry_binds_its_gpu_before_the_group(cuda_calls, monkeypatch):
-    from pipeline.evaluate import _init_distributed_from_env
+    from pipeline.eval_command import _init_distributed_from_env
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -66,7 +66,7 @@ class _Engine:
 def test_the_choice_is_made_after_the_optimizer_state_is_freed(monkeypatch, tmp_path):
     """evaluate_after_training frees the optimizer state, then chooses (counting what is left),
     then frees the model's slices only for a whole copy."""
-    from pipeline import evaluate
+    from pipeline import eval_after_training as evaluate
     from pipeline.config import load_config
 
     events = []
@@ -90,7 +90,7 @@ def test_the_choice_is_made_after_the_optimizer_state_is_freed(monkeypatch, tmp_
 def test_a_whole_copy_is_loaded_straight_onto_the_ranks_gpu(monkeypatch, tmp_path):
     """device_map binds every weight to this rank's GPU as it is read: never a host-memory model
     moved afterwards (which needed every local rank's whole model in the node's RAM at once)."""
-    from pipeline import evaluate
+    from pipeline import eval_after_training as evaluate
     from pipeline.config import load_config
 
     seen = {}

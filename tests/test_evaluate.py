@@ -23,7 +23,8 @@ import torch
 import tsd
 from pipeline.launch import cli
 from pipeline.data.tasks import generate_eval_prompt, write_records
-from pipeline.evaluate import PREDICTION_FIELDS, evaluate_tasks, load_model, score
+from pipeline.eval_command import load_model
+from pipeline.evaluate import PREDICTION_FIELDS, evaluate_tasks, score
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("alex jordan casey taylor sam riley morgan lunch keys chess bread party friend home game won lost "
@@ -175,7 +176,7 @@ def test_scoring_rules():
 
 
 def test_mlflow_logging(setup, tmp_path):
-    from pipeline.evaluate import run_evaluation
+    from pipeline.eval_command import run_evaluation
     from pipeline.tracking.store import default_tracking_uri, start_run, summarize_run
 
     uri = default_tracking_uri(tmp_path)
@@ -231,7 +232,8 @@ import deepspeed, torch, torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import HfDeepSpeedConfig
 import tsd
-from pipeline.evaluate import evaluate_tasks, load_tasks
+from pipeline.eval_command import load_tasks
+from pipeline.evaluate import evaluate_tasks
 
 model_dir, adapter, out, data = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 deepspeed.init_distributed(dist_backend="gloo")

@@ -137,7 +137,8 @@ def cmd_prepare_data(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.launch.path_checks import check_folder_can_be_made
-    from pipeline.evaluate import result_lines, run_evaluation
+    from pipeline.eval_command import run_evaluation
+    from pipeline.evaluate import result_lines
 
     if args.out:  # before the generation (minutes to hours), not when writing its results
         check_folder_can_be_made("--out", args.out)
@@ -163,7 +164,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from pipeline.reports.compare import CompareError, compare_experiment
-    from pipeline.evaluate import default_tracking_uri
+    from pipeline.eval_command import default_tracking_uri
     from pipeline.tracking.store import check_reachable
 
     uri = args.tracking_uri or default_tracking_uri()

@@ -36,7 +36,7 @@ SIDECAR = "tsd_state.safetensors"  # lora-tsd's sidecar; its metadata "labels" h
 def class_names(adapter_dir: str, config: PeftConfig) -> list[str]:
     """A classifier's class names in id order: the sidecar's, else ids "0".."k-1" with k the rows
     of the saved head (a stock PEFT adapter). This file may not import pipeline, whose
-    `pipeline.evaluate.adapter_classes` reads the same two places."""
+    `pipeline.eval_command.adapter_classes` reads the same two places."""
     sidecar = Path(adapter_dir) / SIDECAR
     if sidecar.is_file():
         with safe_open(str(sidecar), "pt") as f:

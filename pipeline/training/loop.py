@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import RunConfig
-from pipeline.evaluate import evaluate_after_training
+from pipeline.eval_after_training import evaluate_after_training
 from pipeline.logs import log, setup_logging
 from pipeline.model_task import PEFT_TASK_TYPE
 from pipeline.paths import write_json_atomic
