@@ -37,7 +37,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.reports.compare import METHOD_NAMES, compare_experiment  # noqa: E402
+from pipeline.reports.compare import compare_experiment  # noqa: E402
+from pipeline.reports.results import METHOD_NAMES  # noqa: E402
 from pipeline.reports.plots import new_figure, save_figure  # noqa: E402
 from pipeline.reports.stats import mean_ci95, sign_flip_p  # noqa: E402
 

@@ -177,7 +177,8 @@ def test_run_result_skips_foreign_runs():
 
 
 def test_paired_with_lora_matches_the_seed_by_seed_differences():
-    from pipeline.reports.compare import RunResult, paired_with_lora
+    from pipeline.reports.paired import paired_with_lora
+    from pipeline.reports.results import RunResult
 
     def run(method, r, seed, avg):
         return RunResult(f"{method}{r}{seed}", "", method, r, seed, None, {"t": avg}, avg)

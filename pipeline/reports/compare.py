@@ -28,121 +28,19 @@ import io
 import math
 import os
 import statistics
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from pipeline.reports.paired import paired_sections, training_loss_tail
+from pipeline.reports.results import (COMPARISON_TAG, COMPARISON_VALUE, METHOD_ORDER, METRICS, TASK_ORDER,
+                                      VARIANT_SEP, Cell, CompareError, Row, RunResult, Table, _float, _int,
+                                      format_cell, method_label, task_label)
 from pipeline.reports.plots import new_figure, save_figure
-from pipeline.reports.stats import mean_ci95, sign_flip_p
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import client, end_run, sqlite_path, start_run
 
-METHOD_NAMES = {"full": "Fully FT", "lora": "LoRA", "dash": "LoRA-Dash", "init": "LoRA-Init", "tsd": "LoRA-TSD"}
-METHOD_ORDER = list(METHOD_NAMES)
-# The paper's column order for the eight commonsense tasks, and its short headers.
-TASK_ORDER = ["boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"]
-TASK_LABELS = {
-    "boolq": "BoolQ", "piqa": "PIQA", "social_i_qa": "SIQA", "hellaswag": "HellaSwag", "winogrande": "WinoGrande",
-    "ARC-Easy": "ARC-e", "ARC-Challenge": "ARC-c", "openbookqa": "OBQA",
-}  # fmt: skip
-ACC_PREFIX = "acc_"
-AVG = "acc_avg"
-# What can be tabulated: metric -> (its name in text, the plot's axis label).
-METRICS = {"acc": ("accuracy", "accuracy (%)"), "mcc": ("Matthews correlation", "MCC x 100")}
-COMPARISON_TAG = "tsd.kind"
-COMPARISON_VALUE = "comparison"
-
-
-class CompareError(ValueError):
-    """The experiment cannot be compared (missing, or no usable runs)."""
-
-
-# A dash/tsd run with train.dash_lr_scale != 1 is its own row, "<method>@<scale>": pooling it
-# with the method's runs at the reference rate would mix two settings under one seed.
-VARIANT_SEP = "@"
-
-
-def method_label(method: str) -> str:
-    base, _, scale = method.partition(VARIANT_SEP)
-    label = METHOD_NAMES.get(base, base)
-    return f"{label} (dash lr x{scale})" if scale else label
-
-
-def task_label(task: str) -> str:
-    return TASK_LABELS.get(task, task)
-
-
-@dataclass
-class RunResult:
-    """What the table needs from one run. Accuracies in percent."""
-
-    run_id: str
-    run_name: str
-    method: str
-    r: int | None
-    seed: str | None
-    trainable_percent: float | None
-    acc: dict[str, float]
-    avg: float | None
-
-
-@dataclass
-class Cell:
-    values: list[float]
-
-    @property
-    def n(self) -> int:
-        return len(self.values)
-
-    @property
-    def mean(self) -> float | None:
-        return statistics.fmean(self.values) if self.values else None
-
-    @property
-    def std(self) -> float | None:
-        return statistics.stdev(self.values) if len(self.values) > 1 else None
-
-
-@dataclass
-class Row:
-    method: str
-    r: int | None
-    runs: list[RunResult]
-    cells: dict[str, Cell]  # task -> Cell, plus "avg"
-    trainable: Cell
-
-    @property
-    def n(self) -> int:
-        return len(self.runs)
-
-    @property
-    def seeds(self) -> list[str]:
-        return [run.seed for run in self.runs if run.seed is not None]
-
-
-@dataclass
-class Table:
-    experiment: str
-    tasks: list[str]
-    rows: list[Row] = field(default_factory=list)
-    metric: str = "acc"
-
-
 # ----------------------------------------------------------------------------- reading runs
-def _float(value) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _int(value) -> int | None:
-    v = _float(value)
-    return int(v) if v is not None and v == int(v) else None
-
-
 def run_result(run, metric: str = "acc") -> RunResult | None:
     """A `RunResult` from an MLflow Run, or None when it is not a training run of this project.
     Its `acc`/`avg` hold `metric` (see METRICS), x 100."""
@@ -244,14 +142,6 @@ def build_table(runs: Sequence[RunResult], experiment: str = "", metric: str = "
     return Table(experiment=experiment, tasks=tasks, rows=rows, metric=metric)
 
 
-def format_cell(cell: Cell, digits: int = 1) -> str:
-    if cell.mean is None:
-        return "-"
-    if cell.std is None:
-        return f"{cell.mean:.{digits}f}"
-    return f"{cell.mean:.{digits}f} ± {cell.std:.{digits}f}"
-
-
 def _trainable_text(cell: Cell) -> str:
     return "-" if cell.mean is None else f"{cell.mean:.4g}"
 
@@ -338,112 +228,6 @@ def plot_table(table: Table, path: str | os.PathLike, title: str | None = None) 
 
 
 # ----------------------------------------------------------------------------- the command
-@dataclass
-class Paired:
-    """A method against LoRA at the same rank, run by run: runs with the same seed share the
-    data order and the LoRA initialisation, so their difference removes most seed noise."""
-
-    method: str
-    r: int | None
-    seeds: list[str]
-    diffs: Cell  # method - LoRA, one per shared seed (accuracy: percentage points)
-    higher_is_better: bool = True
-
-    @property
-    def wins(self) -> int:
-        return sum((d > 0) if self.higher_is_better else (d < 0) for d in self.diffs.values)
-
-    @property
-    def losses(self) -> int:
-        return sum((d < 0) if self.higher_is_better else (d > 0) for d in self.diffs.values)
-
-    @property
-    def ci95(self) -> tuple[float, float] | None:
-        """The 95% t-interval of the mean paired difference."""
-        return mean_ci95(self.diffs.values)
-
-    @property
-    def p(self) -> float | None:
-        """Exact two-sided sign-flip p-value of "no difference"."""
-        return sign_flip_p(self.diffs.values)
-
-
-def paired_with_lora(table: Table, value: Callable[[RunResult], float | None] = lambda run: run.avg,
-                     higher_is_better: bool = True) -> list[Paired]:
-    """Each non-LoRA row against the LoRA row of its rank (full fine-tuning: of every rank, the
-    Paired's r is LoRA's), over the seeds both ran (a seed run
-    twice in a group is ambiguous and skipped). `value` picks what is compared (default: the
-    average accuracy)."""
-
-    def by_seed(row: Row) -> dict[str, float]:
-        seeds = [r.seed for r in row.runs]
-        out = {}
-        for run in row.runs:
-            v = value(run)
-            if run.seed is not None and v is not None and seeds.count(run.seed) == 1:
-                out[run.seed] = v
-        return out
-
-    lora = {row.r: by_seed(row) for row in table.rows if row.method == "lora"}
-    out = []
-    for row in table.rows:
-        # Full fine-tuning has no rank: it is paired with the LoRA row of every rank.
-        ranks = sorted(lora, key=lambda r: -1 if r is None else r) if row.method == "full" else [row.r]
-        if row.method == "lora":
-            continue
-        for r in (r for r in ranks if r in lora):
-            mine = by_seed(row)
-            seeds = sorted(set(mine) & set(lora[r]), key=lambda s: (_float(s) is None, _float(s) or 0.0, s))
-            if seeds:
-                diffs = Cell([mine[s] - lora[r][s] for s in seeds])
-                out.append(Paired(row.method, r, seeds, diffs, higher_is_better))
-    return out
-
-
-def training_loss_tail(tracking_uri: str, runs: Sequence[RunResult], window: int) -> dict[str, float]:
-    """run_id -> mean of the logged training `loss` over its last `window` steps. With the same
-    seed every method sees the same batches, so paired differences of this are a far finer
-    signal than accuracy on a few hundred test rows (but it is training loss, not accuracy)."""
-    mlflow_client = client(tracking_uri)
-    out = {}
-    for run in runs:
-        history = sorted(mlflow_client.get_metric_history(run.run_id, "loss"), key=lambda m: m.step)
-        if history:
-            out[run.run_id] = statistics.fmean(m.value for m in history[-window:])
-    return out
-
-
-def format_paired_markdown(pairs: Sequence[Paired], digits: int = 1, what: str = "Avg. − LoRA") -> str:
-    out = [f"| Method | r | {what} | 95% CI | sign-flip p | per seed | better / worse | n |",
-           "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
-    for p in pairs:
-        per_seed = ", ".join(f"s{s}: {d:+.{digits}f}" for s, d in zip(p.seeds, p.diffs.values))
-        ci = f"[{p.ci95[0]:+.{digits}f}, {p.ci95[1]:+.{digits}f}]" if p.ci95 else "—"
-        pv = f"{p.p:.3f}" if p.p is not None and p.diffs.n > 1 else "—"
-        out.append(f"| {method_label(p.method)} | {p.r} | {format_cell(p.diffs, digits)} | {ci} | {pv} | {per_seed} | "
-                   f"{p.wins} / {p.losses} | {p.diffs.n} |")
-    return "\n".join(out)
-
-
-def paired_sections(table: Table, digits: int = 1, loss_tail: dict[str, float] | None = None,
-                    window: int = 0) -> str:
-    """The paired comparisons as Markdown: accuracy, and training loss when `loss_tail` is given."""
-    text = ""
-    pairs = paired_with_lora(table)
-    if pairs:
-        text += (f"\n## Paired with LoRA (same rank, same seed)\n\nDifference of the average {METRICS[table.metric][0]} "
-                 f"(x 100: {'percentage points' if table.metric == 'acc' else 'MCC points'}), "
-                 "mean ± sample std over seeds, the 95% t-interval of the mean and the exact sign-flip p-value "
-                 "(pipeline/reports/stats.py).\n\n" + format_paired_markdown(pairs, digits) + "\n")
-    if loss_tail:
-        losses = paired_with_lora(table, lambda run: loss_tail.get(run.run_id), higher_is_better=False)
-        if losses:
-            text += (f"\n## Training loss paired with LoRA (mean of the last {window} logged steps)\n\n"
-                     "Same seed = same batches; negative = lower loss than LoRA.\n\n"
-                     + format_paired_markdown(losses, 4, "loss − LoRA") + "\n")
-    return text
-
-
 def write_outputs(table: Table, out_dir: str | os.PathLike, digits: int = 1, paired_text: str = "") -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
