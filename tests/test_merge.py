@@ -30,6 +30,7 @@ from safetensors import safe_open
 
 import tsd
 from pipeline import merge as merge_module
+from pipeline import merge_inputs  # every safetensors file of a merge is opened there
 from pipeline.data.synthetic import make_encoder_dir, make_tokenizer
 from pipeline.launch.cli import main as tsd_main
 from pipeline.merge import merge_adapter
@@ -288,8 +289,8 @@ def test_host_memory_stays_near_one_shard(tmp_path, monkeypatch):
     model_bytes, largest, limit = sum(sizes), max(sizes), 100_000
 
     counter = LiveTensors()
-    real_open, real_fold = merge_module.safe_open, merge_module.fold_update
-    monkeypatch.setattr(merge_module, "safe_open", lambda *a, **k: CountedFile(real_open(*a, **k), counter))
+    real_open, real_fold = merge_inputs.safe_open, merge_module.fold_update
+    monkeypatch.setattr(merge_inputs, "safe_open", lambda *a, **k: CountedFile(real_open(*a, **k), counter))
     monkeypatch.setattr(merge_module, "fold_update", lambda *a: counter.track(real_fold(*a)))
     result = merge_adapter(adapter, tmp_path / "merged", max_shard_size=limit, progress=False)
 
