@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast clean multinode-tools
 
 setup: $(STAMP)
 
@@ -31,6 +31,16 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The DeepSpeed-launcher test across two hosts (tests/test_multinode.py) needs sshd and pdsh; without
+# them it skips with the reason. As root on Debian/Ubuntu this installs them (CI: .ci/run); elsewhere it
+# says what is missing. Where systemd runs, the package may start the system's own sshd.
+multinode-tools:
+	@if [ -x /usr/sbin/sshd ] && command -v pdsh >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server pdsh >/dev/null \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server pdsh >/dev/null; }; \
+	else echo "multinode-tools: sshd or pdsh missing and not root with apt-get: the DeepSpeed launcher's two-host test will skip"; fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs mlruns mlflow.db

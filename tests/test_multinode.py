@@ -1,4 +1,5 @@
-"""Two nodes for real: a Ray cluster and torchrun across two network namespaces (tests/netns_cluster.py).
+"""Two nodes for real: a Ray cluster, torchrun and the DeepSpeed launcher (pdsh over ssh, an sshd in
+each namespace) across two network namespaces (tests/netns_cluster.py).
 
 The head namespace runs `ray start --head`, the MLflow server (launch/mlflow_server.sh) and
 rank 0 of torchrun; the node namespace runs `ray start --address` and the other rank. Each
@@ -53,7 +54,8 @@ def shared(tmp_path_factory):
 
 def _config(shared: Path, name: str, **train) -> Path:
     cfg = tiny_config(shared / "model", shared / "runs", name)
-    cfg["method"].update(method="dash", switch_step=2)
+    # LoRA-TSD: both switches (LoRA-Init at step 2, the dash at step 4) happen on two nodes too
+    cfg["method"].update(method="tsd", switch_step=2)
     cfg["train"].update({"max_steps": 5, **train})
     cfg["workers"].update(num_workers=2, cpus_per_worker=1, placement_strategy="STRICT_SPREAD")
     cfg["tracking"].update(offline=True)
@@ -314,6 +316,113 @@ def _logged_step(cluster: dict, name: str, step: int) -> bool:
         return bool(runs) and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
     except Exception:
         return False
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+@pytest.fixture(scope="module")
+def ssh(net, tmp_path_factory):
+    """An sshd on each host, bound to its address, with keys made for this test; the client's
+    options (`-F <config>`: the key, the two host keys) for launch/deepspeed.sh's SSH_OPTS."""
+    missing = [t for t, path in (("sshd", SSHD), ("ssh", shutil.which("ssh")), ("pdsh", shutil.which("pdsh")))
+               if not path or not os.access(path, os.X_OK)]
+    if missing:
+        pytest.skip(f"the DeepSpeed launcher test needs {', '.join(missing)} (apt-get install openssh-server pdsh; "
+                    "`make multinode-tools` as root)")
+    d = tmp_path_factory.mktemp("ssh")
+    for key in ("host", "user"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"tsd-test-{key}", "-f", str(d / key)],
+                       check=True, capture_output=True, timeout=30)
+    (d / "authorized_keys").write_text((d / "user.pub").read_text())
+    host_key = (d / "host.pub").read_text().split()[:2]
+    (d / "known_hosts").write_text("".join(f"{net.address(h)} {' '.join(host_key)}\n" for h in TwoHosts.NAMES))
+    (d / "ssh_config").write_text(
+        f"Host *\n  IdentityFile {d / 'user'}\n  IdentitiesOnly yes\n  UserKnownHostsFile {d / 'known_hosts'}\n"
+        f"  GlobalKnownHostsFile /dev/null\n  StrictHostKeyChecking yes\n  LogLevel ERROR\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder, made by its service otherwise
+    daemons = []
+    for host in TwoHosts.NAMES:
+        conf = d / f"sshd_{host}.conf"
+        conf.write_text(
+            f"ListenAddress {net.address(host)}\nPort 22\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+            f"PidFile {d / f'sshd_{host}.pid'}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPrintMotd no\nLogLevel ERROR\n")
+        daemons.append(net.run(host, [SSHD, "-D", "-e", "-f", str(conf)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL))
+    try:
+        for host in TwoHosts.NAMES:
+            net.wait_for_port(host, 22, timeout=30)
+        yield {"opts": f"-F {d / 'ssh_config'}"}
+    finally:  # the daemons by their PIDs (and their sessions with them); the namespaces go with `net`
+        for proc in daemons:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+
+
+def _deepspeed_env(net: TwoHosts, ssh: dict, hostfile: Path, **extra) -> dict:
+    """The launching shell as a user has it: the hostfile, ssh options (net.run adds GLOO_SOCKET_IFNAME);
+    the ranks get none of it but through the launcher."""
+    return child_env(HOSTFILE=str(hostfile), SSH_OPTS=ssh["opts"], MASTER_PORT="29514",
+                     DEEPSPEED=str(BIN / "deepspeed"), **extra)
+
+
+def test_deepspeed_launcher_over_ssh_across_two_hosts_equals_one_node(net, shared, cluster, reference, ssh):
+    """launch/deepspeed.sh with a hostfile of both hosts, started on the head from another folder:
+    pdsh reaches both hosts over ssh, whose sessions carry none of the launching shell's
+    environment; the interface (GLOO_SOCKET_IFNAME, which gloo needs here: the shared host name
+    resolves to no namespace's address) and the rest reach the ranks only through the launcher's
+    export. One launch: LoRA-TSD through both switches, against the one-node reference."""
+    cfg = _with_tracking(_config(shared, "ds-2n"), cluster["mlflow"], "multinode")
+    hostfile = shared / "hostfile"
+    hostfile.write_text(f"# the two test hosts\n{net.address('head')} slots=1\n{net.address('node')} slots=1\n")
+    t0 = time.perf_counter()
+    proc = net.run("head", ["bash", str(ROOT / "launch/deepspeed.sh"), os.path.relpath(cfg, shared)],
+                   env=_deepspeed_env(net, ssh, hostfile), cwd=shared,
+                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        raise AssertionError(f"launch/deepspeed.sh across two hosts timed out:\n{out[-8000:]}") from None
+    print(f"[multinode] two-host deepspeed launcher over ssh: {time.perf_counter() - t0:.1f}s")
+    assert proc.returncode == 0, out[-8000:]
+    assert "pdsh" in out and f"--master_addr={net.address('head')}" in out, out[-4000:]
+    client, run = _mlflow_run(cluster, "multinode", "ds-2n")
+    assert run.info.status == "FINISHED", out[-4000:]
+    tags = run.data.tags
+    assert tags["launcher"] == "deepspeed" and tags["world_size"] == "2" and tags["nodes"] == "2", tags
+    assert {h.rsplit("@", 1)[-1] for h in tags["hosts"].split(",")} == {net.address("head"), net.address("node")}
+    nodes = json.loads((_artifacts(cluster, run) / "nodes/nodes.json").read_text())
+    assert {n["address"] for n in nodes} == {net.address("head"), net.address("node")}, nodes
+    assert sorted(r for n in nodes for r in n["ranks"]) == [0, 1]
+    # the shared-storage check ran on both hosts and cleaned up after itself
+    assert not list((shared / "runs").glob(".tsd-shared-*")), list((shared / "runs").iterdir())
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+    _assert_same_adapter(shared / "runs/ds-2n/adapter", reference)
+    _assert_same_adapter(_artifacts(cluster, run) / "adapter", reference)
+
+
+def test_deepspeed_launcher_names_a_host_it_cannot_reach_and_stops(net, shared, ssh):
+    """A hostfile with a third host nobody answers for: the launcher's ssh check stops within its
+    timeout, naming that host, before any rank starts."""
+    absent = f"{net.subnet}.9"
+    hostfile = shared / "hostfile-absent"
+    hostfile.write_text(f"{net.address('head')} slots=1\n{absent} slots=1\n")
+    cfg = _config(shared, "ds-absent")
+    t0 = time.perf_counter()
+    out = subprocess.run(net.command("head", ["bash", str(ROOT / "launch/deepspeed.sh"), str(cfg)]), cwd=shared,
+                         env=_deepspeed_env(net, ssh, hostfile, SSH_CONNECT_TIMEOUT="3"),
+                         capture_output=True, text=True, timeout=60)
+    took = time.perf_counter() - t0
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "not reachable over ssh from" in out.stderr and absent in out.stderr, out.stderr[-2000:]
+    assert net.address("head") + " (" not in out.stderr, out.stderr[-2000:]  # the head answered
+    assert took < 20, f"the check took {took:.1f}s"
+    assert not (shared / "runs/ds-absent").exists()
 
 
 def test_ray_job_on_two_raylets_where_namespaces_cannot_be_made(shared, request):
