@@ -72,3 +72,28 @@ def test_the_detector_finds_a_circle_through_a_deferred_import():
 
 def test_no_import_circles_in_pipeline_or_tsd():
     assert circles(import_graph(_modules())) == []
+
+
+MODULE_LINES, FUNCTION_LINES = 450, 70  # issue 26: a module a newcomer reads whole, a function on one screen
+
+
+def _code_lines(fn: ast.AST) -> int:
+    """A function's lines without its docstring (a long why is welcome; long code is not)."""
+    lines = fn.end_lineno - fn.lineno + 1
+    body = fn.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        lines -= body[0].end_lineno - body[0].lineno + 1
+    return lines
+
+
+def test_modules_and_functions_stay_readable():
+    too_long = []
+    for name, f in _modules().items():
+        text = f.read_text()
+        if len(text.splitlines()) > MODULE_LINES:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _code_lines(node) > FUNCTION_LINES:
+                too_long.append(f"{name}.{node.name}: {_code_lines(node)} lines")
+    assert too_long == []

@@ -75,12 +75,7 @@ def prepare_data(
         test_limit = limit
     spec = TASKS.get(task) or CLS_TASKS[task]
     root = cache_root(cache_dir)
-    tag = f"seed{seed}-test{_fmt_size(test_size)}"
-    if limit is not None or test_limit is not None:
-        tag += f"-limit{limit if limit is not None else 'all'}"
-        if test_limit != limit:
-            tag += f"-{test_limit}"
-    out_dir = root / "data" / task / tag
+    out_dir = root / "data" / task / _split_tag(seed, test_size, limit, test_limit)
     paths = {"train": out_dir / "train.json", "test": out_dir / "test.json", "meta": out_dir / "meta.json"}
     ready = None if force else _ready_split(paths, (task, seed, test_size, limit, test_limit,
                                                     getattr(spec, "split_by", None)))
@@ -89,13 +84,9 @@ def prepare_data(
         return paths
 
     t0 = time.time()
-    archive = pip_download(spec.source.package, root / "downloads", no_binary=spec.source.no_binary,
-                           direct_url_deps=spec.source.direct_url_deps)
-    log(f"{task}: reading {spec.source.member} from {archive.name}")
-    data = _read_member(archive, spec.source.member)
+    archive, data = _source_bytes(task, spec.source, root)
     items, unparseable = spec.parse(data)
-    build = build_cls_records if task in CLS_TASKS else build_task_records
-    records, dropped = build(task, items)
+    records, dropped = (build_cls_records if task in CLS_TASKS else build_task_records)(task, items)
     split_by = getattr(spec, "split_by", None)
     train_full, test_full = split_records(records, test_size, seed, group_key=split_by)
     train = train_full[:limit] if limit is not None else train_full
@@ -115,14 +106,7 @@ def prepare_data(
                         "limit keeps a prefix of each" + (f"; whole groups of equal '{split_by}' are split, "
                                                           f"n_test counting groups" if split_by else ""),
         "split_by": split_by,
-        "source": {
-            "package": spec.source.package,
-            "archive": archive.name,
-            "archive_sha256": sha256_file(archive),
-            "member": spec.source.member,
-            "member_sha256": hashlib.sha256(data).hexdigest(),
-            "note": spec.source.note,
-        },
+        "source": _source_record(spec.source, archive, data),
         "counts": _split_counts(len(items) + len(unparseable), unparseable, dropped, records, train_full, test_full,
                                 train, test, _tally(task)),
         "dropped_source_rows": {"unparseable": unparseable, **dropped},
@@ -132,10 +116,34 @@ def prepare_data(
     }
     _atomic_write_json(paths["meta"], meta)
     c = meta["counts"]
-    log(f"{task}: {c['source_rows']} source rows -> {c['usable']} usable "
-        f"({c['unparseable']} unparseable, {c['duplicates_dropped']} duplicate, {c['conflicting_dropped']} conflicting dropped); "
+    log(f"{task}: {c['source_rows']} source rows -> {c['usable']} usable ({c['unparseable']} unparseable, "
+        f"{c['duplicates_dropped']} duplicate, {c['conflicting_dropped']} conflicting dropped); "
         f"{c['train']} train / {c['test']} test in {time.time() - t0:.1f}s -> {out_dir}")
     return paths
+
+
+def _source_bytes(task: str, source, root: Path) -> tuple[Path, bytes]:
+    """The task's package (downloaded once into the cache) and the bytes of its source file."""
+    archive = pip_download(source.package, root / "downloads", no_binary=source.no_binary,
+                           direct_url_deps=source.direct_url_deps)
+    log(f"{task}: reading {source.member} from {archive.name}")
+    return archive, _read_member(archive, source.member)
+
+
+def _split_tag(seed: int, test_size, limit: int | None, test_limit: int | None) -> str:
+    """The split's folder name: what makes it (seed, test size, the limits)."""
+    tag = f"seed{seed}-test{_fmt_size(test_size)}"
+    if limit is not None or test_limit is not None:
+        tag += f"-limit{limit if limit is not None else 'all'}"
+        if test_limit != limit:
+            tag += f"-{test_limit}"
+    return tag
+
+
+def _source_record(source, archive: Path, data: bytes) -> dict:
+    """Where the rows came from, with the checksums that pin it (meta.json's "source")."""
+    return {"package": source.package, "archive": archive.name, "archive_sha256": sha256_file(archive),
+            "member": source.member, "member_sha256": hashlib.sha256(data).hexdigest(), "note": source.note}
 
 
 def _task_kind(task: str) -> dict:

