@@ -101,7 +101,7 @@ def dash_magnitude(adapter: Path) -> dict[str, float]:
 def dash_activations(run_dir: Path, rows: int) -> dict[str, float]:
     """What the dash term adds to the layers' outputs on real inputs, beside LoRA's term (a
     LoRA-Dash run: the update is scaling B A + the dash term, against the original base)."""
-    from pipeline.data.labelled import load_labelled
+    from pipeline.classification.rows import load_labelled
     from pipeline.data.loader import tokenize_labelled
     from pipeline.eval_command import load_model
     from tsd.inject import tsd_layers

@@ -23,7 +23,7 @@ from pydantic import (AfterValidator, BeforeValidator, ConfigDict, StrictBool, S
                       ValidationError, field_validator, model_validator)
 from pydantic.dataclasses import dataclass
 
-from pipeline.model_task import HEAD_MODULES
+from pipeline.classification.head import HEAD_MODULES
 from pipeline.precision import contradiction
 from pipeline.tracking.store import tracking_uri_problem
 from tsd.config import TSDConfig, TSDConfigError

@@ -55,8 +55,8 @@ def evaluate_after_training(engine, adapter_state: dict, tokenizer, cfg: RunConf
     t = cfg.train
     sets = cfg.data.test_sets()
     if cfg.model.task == "seq_cls":
-        from pipeline.classify import evaluate_classification
-        from pipeline.data.labelled import load_labelled
+        from pipeline.classification.evaluation import evaluate_classification
+        from pipeline.classification.rows import load_labelled
 
         how = EVAL_PARTITIONED if _is_partitioned(engine.module) else EVAL_TRAINED
         log(f"classifying {', '.join(sets)} with the {how} model; batch {t.eval_batch_size}, limit {t.eval_limit} rows")

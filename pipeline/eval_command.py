@@ -21,7 +21,8 @@ from pipeline.data.tasks import load_records
 from pipeline.evaluate import evaluate_tasks, log_results, row_format, write_results
 from pipeline.file_checks import check_adapter_folder, check_model_folder
 from pipeline.logs import log
-from pipeline.model_task import HEAD_MODULES, head_config, task_of_folder
+from pipeline.classification.head import HEAD_MODULES, head_config
+from pipeline.model_task import task_of_folder
 from pipeline.tracking.logger import RunLogger
 from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import DB_FILE, check_reachable, resolve_tracking_uri
@@ -187,8 +188,8 @@ def run_evaluation(
         mdl, tok = load_model(model, adapter, dtype=dtype, device=device)
         classes = model_classes(mdl)
         if classes is not None:  # a classifier: test files of text/label rows, accuracy and MCC
-            from pipeline.classify import evaluate_classification
-            from pipeline.data.labelled import load_labelled
+            from pipeline.classification.evaluation import evaluate_classification
+            from pipeline.classification.rows import load_labelled
 
             sets = dict(parse_data_arg(spec) for spec in data)
             result = evaluate_classification(mdl, tok, {t: load_labelled(p) for t, p in sets.items()}, classes,

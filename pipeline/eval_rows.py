@@ -1,7 +1,7 @@
 """How an evaluation's rows are spread over the ranks and brought back: rows rank::world, in
 batches, with padding calls where every forward is a collective (ZeRO-3), then every rank's
 scored rows merged in file order. Shared by generation (pipeline.evaluate) and classification
-(pipeline.classify), which each import it, not each other.
+(pipeline.classification.evaluation), which each import it, not each other.
 """
 
 from __future__ import annotations

@@ -195,7 +195,7 @@ def task_model(base: Path, adapter: Adapter) -> TaskModel:
 def _classifier_config(config, base: Path, adapter: Adapter) -> None:
     """A classifier's config as training set it (pipeline.model_task.head_config): the classes
     (named when the lora-tsd sidecar records them) and, for a decoder, the pad token it pools at."""
-    from pipeline.model_task import HEAD_MODULES, head_config
+    from pipeline.classification.head import HEAD_MODULES, head_config
 
     heads = [k for k in adapter.whole if k.endswith(tuple(f"{h}.weight" for h in HEAD_MODULES))]
     if not heads:

@@ -1,4 +1,4 @@
-"""Labelled data for model.task seq_cls: pipeline.data.labelled (CSV/JSON/JSONL rows, class names,
+"""Labelled data for model.task seq_cls: pipeline.classification.rows (CSV/JSON/JSONL rows, class names,
 class ids) and the classification tasks of pipeline.data.prepare (sarcasm, winowhy, quartz_cls).
 
 The offline tests write every file into tmp_path (fake package archives stand in for the real
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data.labelled import encode_labels, label_names, load_labelled, write_labelled
+from pipeline.classification.rows import encode_labels, label_names, load_labelled, write_labelled
 from pipeline.data.prepare import prepare_data, prepare_user_file
 from pipeline.data.task_packages import (
     BIGBENCH,

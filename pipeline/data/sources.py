@@ -13,7 +13,7 @@ An entry of `data.train` names one of:
 `read` gives the rows as an Arrow-backed `datasets.Dataset`, `fingerprint` what identifies the
 rows cheaply (path, size and modification time; for a hub dataset its cached revision's
 fingerprint), which keys the tokenized cache (pipeline.data.cache). The rows are not checked
-here: the row rules and their messages belong to pipeline.data.tasks and pipeline.data.labelled.
+here: the row rules and their messages belong to pipeline.data.tasks and pipeline.classification.rows.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def read(source: Source, scratch: Path) -> datasets.Dataset:
     cache = str(scratch)
     if source.format == "csv":
         # Every cell is text (no number or NA guessing): a label cell of digits is a class id and any
-        # other a class name, as the project's own CSV reader decides (pipeline.data.labelled).
+        # other a class name, as the project's own CSV reader decides (pipeline.classification.rows).
         # Column names are stripped of spaces, as there too.
         header = _csv_header(p)
         features = datasets.Features({c: datasets.Value("string") for c in header})

@@ -202,7 +202,7 @@ def build_task_records(task: str, items: list[Item]) -> tuple[list[dict], dict]:
 
 # ----------------------------------------------------------------------------- classification sources
 # Tasks for model.task seq_cls: rows {"id", "text", "label" (class id), optional "text_pair"}
-# in pipeline.data.labelled's layout, with the class names in meta.json's "labels".
+# in pipeline.classification.rows's layout, with the class names in meta.json's "labels".
 @dataclass(frozen=True)
 class LabelledItem:
     """One parsed source row of a classification task."""

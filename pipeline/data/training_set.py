@@ -3,7 +3,7 @@ ONCE per cache folder (pipeline.data.cache: one rank per node, or per job on a s
 memory-mapped by every rank, which then draws its micro-batches from it (pipeline.data.loader).
 
 The rows keep today's rules: every row of every file is checked (pipeline.data.tasks `_check_row`,
-pipeline.data.labelled `_check_row` and `encode_labels`), also past `data.limit`; the first
+pipeline.classification.rows `_check_row` and `encode_labels`), also past `data.limit`; the first
 `data.limit` rows of the files, in order, are tokenized. A file in one of the project's own formats
 (LLM-Adapters JSON/JSONL; labelled CSV/JSON/JSONL) that `datasets` cannot read, or whose rows fail
 a check, is read again by the project's own parser, so the error names the file, row, line and
@@ -32,7 +32,7 @@ import torch
 from datasets.fingerprint import Hasher
 
 from pipeline.data import cache, sources
-from pipeline.data import labelled as labelled_rows
+from pipeline.classification import rows as labelled_rows
 from pipeline.data import tasks
 from pipeline.data.loader import tokenize_labelled_batch
 from pipeline.data.tasks import DataError, generate_prompt, tokenize_batch
@@ -221,7 +221,7 @@ def checked_task_rows(source: sources.Source, scratch: Path) -> datasets.Dataset
 
 def checked_labelled_rows(source: sources.Source, scratch: Path,
                           classes: Sequence[str]) -> tuple[datasets.Dataset, list[int]]:
-    """The text/label rows of `source`, checked as pipeline.data.labelled does, and their class ids."""
+    """The text/label rows of `source`, checked as pipeline.classification.rows does, and their class ids."""
 
     def check(rows: datasets.Dataset) -> tuple[datasets.Dataset, list[int]]:
         if len(rows) == 0:

@@ -105,8 +105,8 @@ def _check_data(cfg: RunConfig) -> int:
 
 def _check_labelled(cfg: RunConfig) -> int:
     """A classifier's files: text/label rows, at least two classes in training, every test label
-    one of them (pipeline.data.labelled). Returns the training rows used."""
-    from pipeline.data.labelled import encode_labels, load_labelled
+    one of them (pipeline.classification.rows). Returns the training rows used."""
+    from pipeline.classification.rows import encode_labels, load_labelled
 
     names = class_names(cfg.data, cfg.model.num_labels)
     n = sum(len(load_labelled(path)) for path in cfg.data.train)

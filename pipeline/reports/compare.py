@@ -14,7 +14,7 @@ Where the numbers come from (what the pipeline logs):
           accuracies exceed 1 is taken to have logged percentages. The table prints percent.
           A run without `acc_avg` gets the mean of its task accuracies.
           With metric="mcc" the same from `mcc_<task>` (Matthews correlation, which
-          classification runs log: pipeline/classify.py), printed x 100 as GLUE tables print it.
+          classification runs log: pipeline/classification/evaluation.py), printed x 100 as GLUE tables print it.
 
 Outputs: the table and the paired differences on stdout; with an output folder, comparison.md, comparison.csv and
 comparison.png (grouped bars with std error bars); optionally all three logged to a new

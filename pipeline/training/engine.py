@@ -17,7 +17,8 @@ from transformers.integrations import HfDeepSpeedConfig
 from pipeline.config import RunConfig
 from pipeline.precision import weights_dtype
 from pipeline.logs import log
-from pipeline.model_task import HEAD_MODULES, head_config, init_head, model_class
+from pipeline.classification.head import HEAD_MODULES, head_config, init_head
+from pipeline.model_task import model_class
 from pipeline.training.partitioned_load import CannotLoadPartitioned, load_partitioned, weight_files
 from pipeline.training.distributed import rank_and_world
 from pipeline.training.strategy import STAGES

@@ -74,12 +74,12 @@ def summarize(predictions: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
 def evaluate_classification(model, tokenizer, tasks: Mapping[str, Sequence[Mapping[str, Any]]], names: list[str], *,
                             batch_size: int = 32, cutoff_len: int = 256, limit: int | None = None,
                             progress: bool = True) -> dict:
-    """Classify every row of every test set (name -> labelled records, pipeline.data.labelled).
+    """Classify every row of every test set (name -> labelled records, pipeline.classification.rows).
 
     With torch.distributed initialized, call it on EVERY rank: all receive the whole result.
     Returns the shape `pipeline.evaluate.evaluate_tasks` returns ({"tasks", "average", "metrics",
     "predictions", "settings", "seconds"}), so the same writers and loggers serve both."""
-    from pipeline.data.labelled import encode_labels
+    from pipeline.classification.rows import encode_labels
 
     rank, world = rank_and_world()
     if batch_size < 1:
