@@ -39,7 +39,8 @@ multinode-tools:
 	@if [ -x /usr/sbin/sshd ] && command -v pdsh >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server pdsh >/dev/null \
-	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server pdsh >/dev/null; }; \
+	  || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server pdsh >/dev/null; } \
+	  || echo "multinode-tools: could not install openssh-server and pdsh: the DeepSpeed launcher's two-host test will skip"; \
 	else echo "multinode-tools: sshd or pdsh missing and not root with apt-get: the DeepSpeed launcher's two-host test will skip"; fi
 
 clean:
