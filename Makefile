@@ -7,6 +7,9 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?=
+# The suite's workers: 2 on this 2-core machine, where a third of the time is spent waiting (Ray,
+# servers, launchers) rather than computing (docs/TESTING.md). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -27,7 +30,7 @@ demo: $(STAMP)
 	bash launch/demo.sh
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

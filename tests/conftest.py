@@ -139,3 +139,23 @@ if _PROFILE:
         with open(_PROFILE, "a") as f:
             f.write(json.dumps({"test": item.nodeid, "wall_s": round(_time.perf_counter() - t0, 2),
                                 "cpu_s": round(_cpu_seconds() - c0, 2)}) + "\n")
+
+
+# ----------------------------------------------------------------------------- running on 2 workers
+# `make test` runs the suite on pytest-xdist workers, a file at a time (--dist loadfile: a file's
+# module fixtures, its trained runs, are made once). A worker takes the next file when it is
+# free, so the longest files go first: a long file started last would leave the other worker
+# idle at the end. The order: wall seconds measured with TSD_TEST_PROFILE (docs/TESTING.md).
+LONGEST_FIRST = [
+    "test_multinode.py", "test_reliability.py", "test_pipeline_e2e.py", "test_resume.py", "test_strategies.py",
+    "test_full_ft.py", "test_dash_lr.py", "test_rank_failure.py", "test_run_lock.py", "test_rerun.py",
+    "test_base_fingerprint.py", "test_architectures.py", "test_benchmark_scripts.py", "test_faults.py",
+    "test_seq_cls.py", "test_tracking.py", "test_bad_input.py", "test_checkpointing.py", "test_evaluate.py",
+    "test_compare.py", "test_zero3.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # sorted() is stable: tests keep their order within a file
+    items[:] = sorted(items, key=lambda item: rank.get(item.path.name, len(rank)))
