@@ -146,6 +146,7 @@ if _PROFILE:
 # module fixtures, its trained runs, are made once). A worker takes the next file when it is
 # free, so the longest files go first: a long file started last would leave the other worker
 # idle at the end. The order: wall seconds measured with TSD_TEST_PROFILE (docs/TESTING.md).
+# (--no-loadscope-reorder: xdist would otherwise order files by their number of tests.)
 LONGEST_FIRST = [
     "test_multinode.py", "test_reliability.py", "test_pipeline_e2e.py", "test_resume.py", "test_strategies.py",
     "test_full_ft.py", "test_dash_lr.py", "test_rank_failure.py", "test_run_lock.py", "test_rerun.py",

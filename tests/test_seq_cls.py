@@ -4,7 +4,7 @@ independent references.
 - Matthews correlation against its textbook definition (binary) and the covariance form (k classes).
 - Single process: an adapter with a trained head (PEFT's modules_to_save) loads in stock PEFT
   and reproduces this project's logits.
-- 2-rank ZeRO-3 runs of a tiny BERT encoder, one per method: the exported adapter (head
+- 2-rank ZeRO-3 runs of a tiny BERT encoder, one per method but LoRA-Init: the exported adapter (head
   included) in stock PEFT gives the logits the trained, partitioned model gave while the run
   evaluated; the fully fine-tuned model reloads to the same logits; the dash directions are those
   a single-process selection picks from the checkpointed factors; `tsd evaluate` scores the
@@ -149,7 +149,7 @@ def test_head_start_depends_on_the_seed_only(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the pipeline, 2 ranks
-METHODS = ["lora", "dash", "init", "tsd", "full"]
+METHODS = ["lora", "dash", "tsd", "full"]  # LoRA-Init alone: the export LoRA-TSD's run checks (Init's fold and Dash's)
 
 
 def _config(toy: dict, out: Path, method: str) -> Path:
