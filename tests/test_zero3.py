@@ -176,37 +176,56 @@ def test_lora_init_under_zero3_keeps_output_and_optimizer_follows_the_edit(run):
         assert (A2 - A1).norm() < 0.5 * (A2 - A0).norm(), name
 
 
-@pytest.mark.parametrize("layout", ["sharded-files", "base-model-names", "bin-file"])
-def test_each_rank_loads_only_its_slices_and_gets_the_files_weights(tmp_path, layout):
-    """3 ranks (sizes the world does not divide), tied input/output embeddings, weights in
-    several files: every parameter gathered after the partitioned load equals the file's tensor
-    bit for bit; also with names saved from the base model (no "model." prefix) and a stray
-    key. A folder of .bin weights goes through transformers' path, with a warning, as exact."""
+LAYOUTS = ["sharded-files", "base-model-names", "bin-file"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    """One 3-rank launch loads a folder of each layout (tests/dist/partitioned_load.py): layout ->
+    (the files' tensors, the gathered ones, the ranks' info, this load's log)."""
     from safetensors.torch import save_file as save
 
     from pipeline.data.synthetic import make_model_dir
 
-    mdir = make_model_dir(tmp_path / "m", texts=["a b c d e f g h i j k l m n o p q"], hidden_size=40,
-                          intermediate_size=50, max_shard_size="20KB", tie_word_embeddings=True)
-    files = sorted(mdir.glob("model*.safetensors"))
-    assert len(files) > 1
-    want = {}
-    for f in files:
-        want.update(load_file(str(f)))
-    if layout != "sharded-files":
+    root = tmp_path_factory.mktemp("layouts")
+    wants, entries = {}, []
+    for layout in LAYOUTS:
+        mdir = make_model_dir(root / layout / "m", texts=["a b c d e f g h i j k l m n o p q"], hidden_size=40,
+                              intermediate_size=50, max_shard_size="20KB", tie_word_embeddings=True)
+        files = sorted(mdir.glob("model*.safetensors"))
+        assert len(files) > 1
+        want = {}
         for f in files:
-            f.unlink()
-        (mdir / "model.safetensors.index.json").unlink()
-    if layout == "base-model-names":
-        save({**{k.removeprefix("model."): v for k, v in want.items()}, "x.gamma": torch.ones(2)},
-             str(mdir / "model.safetensors"))
-    elif layout == "bin-file":
-        torch.save(want, mdir / "pytorch_model.bin")
-    proc = _torchrun(ROOT / "tests/dist/partitioned_load.py", str(mdir), str(tmp_path),
-                     *(["--allow-whole-load"] if layout == "bin-file" else []), nproc=3)
-    assert ("WARNING: loading" in proc.stderr + proc.stdout) == (layout == "bin-file")
-    got = load_file(str(tmp_path / "loaded.safetensors"))
-    info = json.loads((tmp_path / "info.json").read_text())
+            want.update(load_file(str(f)))
+        if layout != "sharded-files":
+            for f in files:
+                f.unlink()
+            (mdir / "model.safetensors.index.json").unlink()
+        if layout == "base-model-names":
+            save({**{k.removeprefix("model."): v for k, v in want.items()}, "x.gamma": torch.ones(2)},
+                 str(mdir / "model.safetensors"))
+        elif layout == "bin-file":
+            torch.save(want, mdir / "pytorch_model.bin")
+        wants[layout] = want
+        entries.append(f"{mdir}={root / layout}" + ("=whole" if layout == "bin-file" else ""))
+    proc = _torchrun(ROOT / "tests/dist/partitioned_load.py", *entries, nproc=3)
+    logs = proc.stderr.split("=== load ")  # rank 0 logs to stderr, each load after its marker
+    out = {}
+    for layout in LAYOUTS:
+        log = next(part for part in logs if part.startswith(str(root / layout / "m")))
+        out[layout] = (wants[layout], load_file(str(root / layout / "loaded.safetensors")),
+                       json.loads((root / layout / "info.json").read_text()), log)
+    return out
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_each_rank_loads_only_its_slices_and_gets_the_files_weights(loaded, layout):
+    """3 ranks (sizes the world does not divide), tied input/output embeddings, weights in
+    several files: every parameter gathered after the partitioned load equals the file's tensor
+    bit for bit; also with names saved from the base model (no "model." prefix) and a stray
+    key. A folder of .bin weights goes through transformers' path, with a warning, as exact."""
+    want, got, info, log = loaded[layout]
+    assert ("WARNING: loading" in log) == (layout == "bin-file")
     assert not info["training"]
     for name, tensor in want.items():
         assert torch.equal(got[name], tensor), name
