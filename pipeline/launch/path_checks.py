@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.data.sources import is_dataset_folder
 from pipeline.tracking.store import sqlite_path
 
 
@@ -46,14 +47,9 @@ def _check_input(key: str, path: str, kind: str) -> None:
         return  # a hub dataset resolves when it is read (pipeline.data.sources names what is missing)
     if not p.exists():
         raise ConfigError(f"{key}: {p}: data file not found" if kind == "data" else f"{key}: {p} not found")
-    if p.is_dir() and not (kind == "data" and _is_saved_dataset(p)):
+    if p.is_dir() and not (kind == "data" and is_dataset_folder(p)):
         raise ConfigError(f"{key}: {p} is a folder, not a {'data' if kind == 'data' else 'JSON'} file"
                           + (" or a folder written by Dataset.save_to_disk" if kind == "data" else ""))
-
-
-def _is_saved_dataset(folder: Path) -> bool:
-    """A folder `Dataset.save_to_disk` wrote (the files pipeline.data.sources reads it by)."""
-    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
 def check_paths(cfg: RunConfig) -> None:
