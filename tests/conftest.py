@@ -9,7 +9,10 @@ target layers have all three orientations:
 from __future__ import annotations
 
 import copy
+import os
+import time
 
+import pytest
 import torch
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to oversubscription on a busy 2-core box
@@ -114,12 +117,7 @@ def outer_products(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 # test process and of its reaped children (torchrun, its ranks, `tsd` commands). CPU seconds hold
 # while other work shares the cores, which wall seconds do not (docs/TESTING.md); Ray's daemons
 # are not reaped by the test, so Ray tests are undercounted there.
-import os as _os  # noqa: E402
-import time as _time  # noqa: E402
-
-import pytest as _pytest  # noqa: E402
-
-_PROFILE = _os.environ.get("TSD_TEST_PROFILE")
+_PROFILE = os.environ.get("TSD_TEST_PROFILE")
 
 
 def _cpu_seconds() -> float:
@@ -130,14 +128,14 @@ def _cpu_seconds() -> float:
 
 
 if _PROFILE:
-    @_pytest.hookimpl(hookwrapper=True)
+    @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):
         import json
 
-        t0, c0 = _time.perf_counter(), _cpu_seconds()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         yield
         with open(_PROFILE, "a") as f:
-            f.write(json.dumps({"test": item.nodeid, "wall_s": round(_time.perf_counter() - t0, 2),
+            f.write(json.dumps({"test": item.nodeid, "wall_s": round(time.perf_counter() - t0, 2),
                                 "cpu_s": round(_cpu_seconds() - c0, 2)}) + "\n")
 
 
