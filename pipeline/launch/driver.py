@@ -30,11 +30,13 @@ from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import close_run, start_or_continue_run
 from pipeline.training.reshard import checkpoint_run_id
 from pipeline.training.loop import WorkerContext, train
+from pipeline.training.memory import freeze_startup_objects
 
 
 def _train_fn(loop_config: dict) -> None:
     """Runs on every Ray Train worker: the same loop as every other launcher."""
     os.chdir(loop_config["cwd"])
+    freeze_startup_objects()  # a Ray Train worker process runs this one training
     load_env_file()  # secrets from $TSD_ENV_FILE (pipeline.launch.job_env), never through Ray's runtime env
     cfg = from_dict(loop_config["config"], "driver")
     tracking_uri = loop_config["tracking_uri"]

@@ -57,6 +57,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def freeze_startup_objects() -> None:
+    """Put every object alive now out of the garbage collector's reach (gc.freeze), once per rank
+    process, after the imports and before training. torch, transformers, DeepSpeed and MLflow
+    leave ~520k objects that live as long as the process; each full collection walked them all,
+    0.28 s of CPU on this machine, and a rank collects at every phase (`trim_heap`) and when it
+    leaves its process group: ~2 s a rank, a sixth of a tiny run's CPU time. Objects made
+    later are collected as before. Only for a process that runs one training (a rank): in a
+    long-lived process the cycles frozen here could never be collected. Called before the model
+    is built: a model, optimizer or dataset frozen here would never be freed by a collection."""
+    import deepspeed  # noqa: F401  every rank's engine needs it: its objects (and MLflow's, which it imports) too
+
+    gc.collect()  # what is already garbage goes now, not into the frozen generation
+    gc.freeze()
+
+
 def trim_heap() -> None:
     """Collect garbage and hand freed heap pages back, so the next peak starts from a clean RSS."""
     gc.collect()
