@@ -9,10 +9,15 @@ independent references.
   evaluated; the fully fine-tuned model reloads to the same logits; the dash directions are those
   a single-process selection picks from the checkpointed factors; `tsd evaluate` scores the
   adapter as the run did.
+- The scripts behind docs/RESULTS.md's tables, on those runs: the LoRA and LoRA-Dash runs are
+  trained by the method sweep (benchmarks/sweep_methods.py, the same worker entry); a second call
+  skips them as finished, and the report (benchmarks/report_comparison.py) turns them into its
+  files, whose numbers are checked against the runs' own result.json.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
@@ -152,7 +157,7 @@ def test_head_start_depends_on_the_seed_only(tmp_path):
 METHODS = ["lora", "dash", "tsd", "full"]  # LoRA-Init alone: the export LoRA-TSD's run checks (Init's fold and Dash's)
 
 
-def _config(toy: dict, out: Path, method: str) -> Path:
+def _config(toy: dict, out: Path, method: str, tracking: dict | None = None) -> Path:
     cfg = {
         "name": method, "output_dir": str(out),
         "model": {"path": str(toy["encoder"]), "task": "seq_cls"},
@@ -162,7 +167,7 @@ def _config(toy: dict, out: Path, method: str) -> Path:
         "train": {"lr": 1e-2, "warmup_steps": 1, "micro_batch_size": 4, "max_steps": 6, "checkpoint_every": 1,
                   "keep_checkpoints": None, "eval_batch_size": 5},
         "deepspeed": {"config": str(ROOT / "configs/deepspeed/zero3.json")},
-        "tracking": {"offline": True},
+        "tracking": tracking or {"offline": True},
     }
     path = out / f"{method}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -174,14 +179,40 @@ def toy(tmp_path_factory):
     return make_toy(tmp_path_factory.mktemp("seqcls"))
 
 
+SWEPT, SEED = ("lora", "dash"), 42  # trained by the sweep; 42 is the config's default seed, as for the others
+
+
+def _sweep_command(config: Path, out: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "benchmarks/sweep_methods.py"), "--config", str(config),
+            "--methods", *SWEPT, "--seeds", str(SEED), "--out", str(out), "--nproc", "2"]
+
+
+@pytest.fixture(scope="module")
+def sweep(toy, tmp_path_factory):
+    """LoRA and LoRA-Dash trained by benchmarks/sweep_methods.py as docs/RESULTS.md's runs are
+    (2 ranks, the worker entry), tracked in <out>/mlflow.db for the report."""
+    out = tmp_path_factory.mktemp("seqcls_sweep")
+    config = _config(toy, out, "unused", tracking={"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "sweep-smoke"})
+    first = subprocess.run(_sweep_command(config, out), cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                           timeout=900)
+    assert first.returncode == 0 and "sweep complete" in first.stdout, first.stdout + first.stderr
+    return {"out": out, "config": config, "stdout": first.stdout}
+
+
 @pytest.fixture(scope="module", params=METHODS)
-def run(request, toy, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"seqcls_{request.param}")
-    proc = torchrun_worker(_config(toy, out, request.param))
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
-    assert "loaded partitioned over 2 rank(s)" in proc.stderr + proc.stdout
-    rows = [json.loads(line) for line in (out / request.param / "eval/predictions/toy.jsonl").read_text().splitlines()]
-    return {"method": request.param, "dir": out / request.param, "rows": rows, "toy": toy}
+def run(request, toy, sweep, tmp_path_factory):
+    method = request.param
+    if method in SWEPT:
+        folder = sweep["out"] / f"{method}-s{SEED}"
+        output = (sweep["out"] / f"{method}-s{SEED}.log").read_text()
+    else:
+        out = tmp_path_factory.mktemp(f"seqcls_{method}")
+        proc = torchrun_worker(_config(toy, out, method))
+        assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}"
+        folder, output = out / method, proc.stderr + proc.stdout
+    assert "loaded partitioned over 2 rank(s)" in output
+    rows = [json.loads(line) for line in (folder / "eval/predictions/toy.jsonl").read_text().splitlines()]
+    return {"method": method, "dir": folder, "rows": rows, "toy": toy}
 
 
 
@@ -259,3 +290,29 @@ def test_tsd_evaluate_scores_the_adapter_as_the_run_did(run, tmp_path):
     metrics = json.loads((tmp_path / "eval/metrics.json").read_text())["metrics"]
     result = json.loads((run["dir"] / "result.json").read_text())
     assert metrics["acc_toy"] == pytest.approx(result["acc_toy"]) and metrics["mcc_toy"] == pytest.approx(result["mcc_toy"])
+
+
+# ----------------------------------------------------------------------------- the RESULTS scripts
+@pytest.mark.slow
+def test_the_sweep_skips_finished_runs_and_the_report_reads_them(sweep, tmp_path):
+    out = sweep["out"]
+    again = subprocess.run(_sweep_command(sweep["config"], out), cwd=ROOT, env=child_env(), capture_output=True,
+                           text=True, timeout=120)
+    assert again.stdout.count("finished already") == 2, again.stdout
+    report_dir = tmp_path / "report"
+    report = subprocess.run([sys.executable, str(ROOT / "benchmarks/report_comparison.py"), "--runs", str(out),
+                             "--out", str(report_dir), "--task", "toy", "--experiment", "sweep-smoke", "--rows", "8"],
+                            cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stdout + report.stderr
+    results = {m: json.loads((out / f"{m}-s{SEED}/result.json").read_text()) for m in SWEPT}
+    table = {row["method"]: row for row in csv.DictReader((report_dir / "runs.csv").open())}
+    assert set(table) == set(SWEPT)
+    for method, result in results.items():
+        assert float(table[method]["accuracy_pct"]) == pytest.approx(100 * result["acc_toy"], abs=1e-4)
+        assert float(table[method]["mcc"]) == pytest.approx(result["mcc_toy"], abs=1e-5)
+    diff = 100 * (results["dash"]["acc_toy"] - results["lora"]["acc_toy"])
+    assert f"| LoRA-Dash | {diff:+.2f} | — | — | s{SEED}: {diff:+.2f} | 1 |" in (report_dir / "paired.md").read_text()
+    magnitude = list(csv.DictReader((report_dir / "dash_magnitude.csv").open()))
+    assert [m["method"] for m in magnitude] == ["dash"] and float(magnitude[0]["median_scalar_ratio"]) > 0
+    for f in ("paired.png", "comparison.md", "comparison.csv", "mcc/comparison.md"):
+        assert (report_dir / f).is_file() and (report_dir / f).stat().st_size > 0, f
