@@ -24,7 +24,6 @@ from pipeline.run_folder import check_rerun, finished_line
 from pipeline.run_lock import RunLock
 from pipeline.tracking.store import resolve_tracking_uri
 from pipeline.training.loop import WorkerContext, main_entry
-from pipeline.training.memory import freeze_startup_objects
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # Not sys.exit: DeepSpeed keeps gloo's threads alive into the interpreter's teardown, which
     # can then abort a rank (pipeline.training.distributed); main_entry's own exits end the same way.
-    freeze_startup_objects()  # a rank process: the libraries' objects, out of every later collection's walk
     try:
         code = main()
     except SystemExit as e:

@@ -36,7 +36,7 @@ from pipeline.training.checkpoint import save_checkpoint
 from pipeline.training.distributed import bind_device, leave_process_group, prefer_interpreter_tools, rank_and_world
 from pipeline.training.engine import refresh_master_copies, reset_optimizer_state, restart_schedule, seed_everything
 from pipeline.training.faults import Faults
-from pipeline.training.memory import gather_and_log, release_freed_heap
+from pipeline.training.memory import freeze_startup_objects, gather_and_log, release_freed_heap
 from pipeline.training.nodes import Node, check_shared_storage, gather_nodes, shared_folders, start_system_metrics
 from pipeline.training.rank_failure import on_peer_failure
 from pipeline.training.reshard import checkpoint_run_id
@@ -357,6 +357,8 @@ def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker,
 def main_entry(cfg: RunConfig, ctx: WorkerContext) -> TrainResult:
     """Run `train`, turning a user error into a message and a non-zero exit, not a traceback.
     A failure on one rank ends every rank at once (pipeline.training.rank_failure), not at a timeout."""
+    # Here, not at the process's start: a rank that stops at a start check never imports DeepSpeed.
+    freeze_startup_objects()
     rank_failure.watch()
     try:
         return train(cfg, ctx)
