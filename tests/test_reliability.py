@@ -77,7 +77,7 @@ def test_corrupt_latest_checkpoint_falls_back_past_every_broken_tag(workdir, ful
     """A crash that left `latest` -> step5 with step5 gone, step4's rank-1 model states truncated,
     step3's rank-0 optimizer states deleted and step2's rank-0 RNG file empty: every rank resumes
     from step1, the newest whole tag, and ends with the uninterrupted run's adapter (through both
-    switches again, at steps 2 and 4)."""
+    switches again, at steps 2 and 4): also tests/test_resume.py's resume before the switches."""
     name = "corrupt"
     ckpt = workdir / "runs" / name / "checkpoints"
     shutil.copytree(workdir / "runs/full/checkpoints", ckpt)
@@ -103,7 +103,7 @@ def test_corrupt_latest_checkpoint_falls_back_past_every_broken_tag(workdir, ful
 def test_latest_naming_a_path_resumes_from_this_runs_newest_tag(workdir, full_run):
     """`latest` holding `../x` (issue 25 item 4): a whole later tag planted at `<run>/x` is never
     loaded; both ranks resume from the run's own newest whole tag (step4) and end with the
-    uninterrupted run's adapter."""
+    uninterrupted run's adapter: also tests/test_resume.py's resume after both switches."""
     name = "latest-path"
     run = workdir / "runs" / name
     ckpt = run / "checkpoints"

@@ -165,7 +165,9 @@ def test_strategy_trains_what_zero3_trains(runs, method, strategy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["zero2", "ddp"])
+# ddp's checkpoint (one model file) resumes in test_ddp_checkpoint_resumes_on_one_rank...; the TSD
+# state between the switches is the module's under every strategy (ZeRO-3's: tests/test_resume.py)
+@pytest.mark.parametrize("strategy", ["zero2"])
 def test_strategy_resumes_between_the_switches(runs, strategy):
     full = runs("tsd", "auto" if strategy == "ddp" else strategy, name=f"tsd-{strategy}")
     got = runs("tsd", strategy, name=f"tsd-{strategy}-resumed", copy_from=full, stop_at=3)
