@@ -43,3 +43,26 @@ def test_frozen_start_up_objects_leave_later_cycles_collectable():
         assert gone() is None, "an object made after the freeze must still be collected"
     finally:
         gc.unfreeze()  # this is pytest's process, not a rank's
+
+
+def test_cpu_by_process_counts_a_child_it_never_reaps(tmp_path):
+    """benchmarks/cpu_by_process.py (docs/TESTING.md's machine-wide figures): a process that burns
+    CPU for 2 s is listed with at least the second it was seen for; the summary totals it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    marker = f"burn-{os.getpid()}-{time.time_ns()}"
+    burn = f"import time; t = time.process_time()\nwhile time.process_time() - t < 2: pass  # {marker}"
+    out = tmp_path / "cpu.jsonl"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks/cpu_by_process.py"), "--out", str(out), "--",
+                           sys.executable, "-c", burn], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    mine = [r for r in rows if marker in r["cmdline"] and "cpu_by_process" not in r["cmdline"]]  # not the sampler
+    assert len(mine) == 1 and 0.9 <= mine[0]["cpu_s"] <= 2.5, mine
+    assert "pytest and test helpers" in proc.stdout and "all" in proc.stdout
