@@ -7,8 +7,8 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?=
-# The suite's workers: 2 on this 2-core machine, where a third of the time is spent waiting (Ray,
-# servers, launchers) rather than computing (docs/TESTING.md). TEST_WORKERS=0 runs it in one process.
+# The suite's workers: 2 on this 2-core machine (docs/TESTING.md: 3 were slower, the Ray tests most).
+# TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 
 BIN   := $(VENV)/bin
