@@ -10,7 +10,6 @@ all occur.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import subprocess
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from proc_group import child_env
 
 import tsd
 from pipeline.launch import cli
@@ -212,7 +212,7 @@ def test_two_rank_sharded_evaluation_equals_single_process(setup, tmp_path):
     common = ["--model", str(setup["model_dir"]), "--adapter", str(setup["adapter"]), "--num-beams", "2",
               "--max-new-tokens", str(MAX_NEW)] + [a for d in setup["data"] for a in ("--data", d)]  # fmt: skip
     assert cli.main(["evaluate", *common, "--out", str(tmp_path / "single")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "pipeline.launch.cli", "evaluate", *common, "--out", str(tmp_path / "two")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -269,8 +269,7 @@ def test_zero3_sharded_evaluation_equals_single_process(setup, tmp_path):
                             max_new_tokens=MAX_NEW, progress=False)  # fmt: skip
     script = tmp_path / "zero3_eval.py"
     script.write_text(_ZERO3_WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    env = child_env(PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
            str(setup["model_dir"]), str(setup["adapter"]), str(tmp_path / "z3.json"), *setup["data"]]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -6,13 +6,12 @@ stock PEFT loading the exported adapter, and the original base model.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from proc_group import run_group
+from proc_group import child_env, run_group
 import torch
 from safetensors.torch import load_file
 
@@ -26,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script), *args]
     proc = run_group(cmd, cwd=ROOT, env=env, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
