@@ -44,10 +44,12 @@ def main() -> None:
     from transformers.integrations import HfDeepSpeedConfig
 
     import tsd
+    from pipeline.training.distributed import skip_unused_deepspeed_comm_op
     from pipeline.training.sharded_switch import sharded_switch
     from tsd.partition import full_shape, gathered, set_master_copy
 
     cuda = torch.cuda.is_available()
+    skip_unused_deepspeed_comm_op()  # as a training rank does
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if cuda:

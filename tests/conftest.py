@@ -18,12 +18,12 @@ import torch
 
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and immune to oversubscription on a busy 2-core box
 
-# Every process the tests start builds DeepSpeed's CPU communication op (~50 CPU-s) unless it finds
-# it built. One build per venv, wherever HOME points (the two-host and Ray-job tests give their
-# processes another HOME) and whichever venv ran before (a clone's and main's paths differ). The
-# children also need one ninja (the venv's, first on PATH: proc_group.child_env): the system's
-# and the venv's alternating on one build folder rebuilt it each time (five builds, 250 CPU-s,
-# in one `make test` before this).
+# No rank compiles DeepSpeed's CPU comm op any more (skip_unused_deepspeed_comm_op); an op DeepSpeed
+# does need (CPU Adam) would be built once per venv, wherever HOME points (the two-host and Ray-job
+# tests give their processes another HOME) and whichever venv ran before. The children also need
+# one ninja (the venv's, first on PATH: proc_group.child_env): the system's and the venv's
+# alternating on one build folder rebuilt the comm op at each start (five builds, 250 CPU-s, in
+# one `make test` before both).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

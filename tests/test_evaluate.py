@@ -236,6 +236,8 @@ from pipeline.eval_command import load_tasks
 from pipeline.evaluate import evaluate_tasks
 
 model_dir, adapter, out, data = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+from pipeline.training.distributed import skip_unused_deepspeed_comm_op
+skip_unused_deepspeed_comm_op()
 deepspeed.init_distributed(dist_backend="gloo")
 torch.set_num_threads(1)
 ds = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

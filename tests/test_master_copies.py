@@ -166,7 +166,10 @@ def worker(out: Path) -> None:
     import deepspeed
     import torch
 
+    from pipeline.training.distributed import skip_unused_deepspeed_comm_op
+
     torch.set_num_threads(1)
+    skip_unused_deepspeed_comm_op()
     deepspeed.init_distributed(dist_backend="gloo")
     results: dict[str, dict] = {"refresh": {}, "no_refresh": {}}
     # ZeRO-3 last: its engine leaves torch.nn.functional.linear patched for the whole process.

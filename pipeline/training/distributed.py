@@ -164,12 +164,25 @@ def exit_now(code: int) -> NoReturn:
 
 
 def prefer_interpreter_tools() -> None:
-    """Put this interpreter's bin folder first on PATH (once). DeepSpeed compiles its CPU
-    collectives op at start-up (cached in ~/.cache/torch_extensions) with the `ninja` it finds on
-    PATH, and rebuilds it whenever that ninja changes: runs started with and without the venv on
-    PATH (a test harness, a sweep script) alternated between the venv's ninja and the system's and
-    recompiled at every start, 20-60 s of every core each time."""
+    """Put this interpreter's bin folder first on PATH (once). DeepSpeed compiles an op it needs
+    (CPU Adam for an optimizer offload) with the `ninja` it finds on PATH, cached in
+    ~/.cache/torch_extensions, and rebuilds it whenever that ninja changes: runs started with and
+    without the venv on PATH (a test harness, a sweep script) alternated between the venv's ninja
+    and the system's and recompiled at every start, 20-60 s of every core each time."""
     bin_dir = os.path.dirname(sys.executable)
     parts = os.environ.get("PATH", "").split(os.pathsep)
     if parts[0] != bin_dir:
         os.environ["PATH"] = os.pathsep.join([bin_dir, *[p for p in parts if p != bin_dir]])
+
+
+def skip_unused_deepspeed_comm_op() -> None:
+    """Tell DeepSpeed its CPU shared-memory all-reduce op is unavailable, before its comm backend
+    starts (deepspeed.init_distributed, deepspeed.initialize). The backend compiles that op when it
+    starts on CPU: 35-90 s of every core at a venv's first launch, and again whenever its build
+    folder or compiler changes. Only DeepSpeed's inference all-reduce (its tensor-parallel
+    inference layers) uses it, and nothing here calls that: training's collectives are
+    torch.distributed's with or without it. DeepSpeed then starts as on a machine without a
+    compiler. Its op table is one dict, computed once and kept, so the mark holds for the process."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -33,7 +33,8 @@ from pipeline.tracking.secrets import mask_secrets
 from pipeline.tracking.store import close_run, start_or_continue_run
 from pipeline.training import rank_failure
 from pipeline.training.checkpoint import save_checkpoint
-from pipeline.training.distributed import bind_device, leave_process_group, prefer_interpreter_tools, rank_and_world
+from pipeline.training.distributed import (bind_device, leave_process_group, prefer_interpreter_tools, rank_and_world,
+                                          skip_unused_deepspeed_comm_op)
 from pipeline.training.engine import refresh_master_copies, reset_optimizer_state, restart_schedule, seed_everything
 from pipeline.training.faults import Faults
 from pipeline.training.memory import freeze_startup_objects, gather_and_log, release_freed_heap
@@ -78,10 +79,12 @@ def train(cfg: RunConfig, ctx: WorkerContext | None = None) -> TrainResult:
     setup_logging()  # first: dependency warnings are filtered before anything can raise them
     ctx = ctx or WorkerContext()
     bind_device(ctx.local_rank)  # before any other CUDA call or collective, DeepSpeed's import included
-    prefer_interpreter_tools()  # before DeepSpeed compiles (or finds compiled) its CPU op
+    prefer_interpreter_tools()  # before DeepSpeed compiles (or finds compiled) an op
     # Deferred: importing deepspeed takes seconds and probes the accelerator; the preflight and
     # the driver import this module without training.
     import deepspeed
+
+    skip_unused_deepspeed_comm_op()  # before DeepSpeed's comm backend starts (here or in deepspeed.initialize)
 
     if not dist.is_initialized():
         # The backstop for a rank that vanishes without a word (a lost node): its peers' collectives

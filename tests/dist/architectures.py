@@ -34,8 +34,10 @@ from pipeline.training.engine import load_model
 from pipeline.training.sharded_switch import sharded_switch
 from tsd.export import collect_state, save_adapter
 from tsd.partition import gathered, set_master_copy
+from pipeline.training.distributed import skip_unused_deepspeed_comm_op
 
 out = Path(sys.argv[1])
+skip_unused_deepspeed_comm_op()  # as every rank of a run does: no op compiled
 deepspeed.init_distributed(dist_backend="gloo")
 rank = dist.get_rank()
 torch.set_num_threads(1)

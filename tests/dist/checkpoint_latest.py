@@ -18,8 +18,10 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from pipeline.training.checkpoint import save_checkpoint, tag_problem, weights_only_checkpoint_engine
+from pipeline.training.distributed import skip_unused_deepspeed_comm_op
 
 model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
+skip_unused_deepspeed_comm_op()  # as every rank of a run does: no op compiled
 deepspeed.init_distributed(dist_backend="gloo")
 rank = dist.get_rank()
 torch.set_num_threads(1)

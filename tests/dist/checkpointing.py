@@ -25,8 +25,10 @@ import tsd
 from pipeline.training.engine import enable_gradient_checkpointing
 from pipeline.training.sharded_switch import sharded_switch
 from tsd.partition import gathered, set_master_copy
+from pipeline.training.distributed import skip_unused_deepspeed_comm_op
 
 model_dir, out_dir = sys.argv[1], Path(sys.argv[2])
+skip_unused_deepspeed_comm_op()  # as every rank of a run does: no op compiled
 deepspeed.init_distributed(dist_backend="gloo")
 rank = dist.get_rank()
 torch.set_num_threads(1)

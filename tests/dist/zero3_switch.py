@@ -19,8 +19,10 @@ from transformers.integrations import HfDeepSpeedConfig
 import tsd
 from pipeline.training.sharded_switch import sharded_switch
 from tsd.partition import gathered, set_master_copy
+from pipeline.training.distributed import skip_unused_deepspeed_comm_op
 
 model_dir, out_dir, method = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+skip_unused_deepspeed_comm_op()  # as every rank of a run does: no op compiled
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.set_num_threads(1)
