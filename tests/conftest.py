@@ -145,7 +145,8 @@ if _PROFILE:
         yield
         with open(_PROFILE, "a") as f:
             f.write(json.dumps({"test": item.nodeid, "wall_s": round(time.perf_counter() - t0, 2),
-                                "cpu_s": round(_cpu_seconds() - c0, 2)}) + "\n")
+                                "cpu_s": round(_cpu_seconds() - c0, 2), "end": round(time.time(), 1),
+                                "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}) + "\n")
 
 
 # ----------------------------------------------------------------------------- running on 2 workers
