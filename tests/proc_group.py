@@ -71,6 +71,15 @@ def torchrun_worker(cfg: Path, timeout: int = 400, nproc: int = 2, extra: list[s
     return run_group(cmd, cwd=ROOT, env=child_env(**env), timeout=timeout)
 
 
+def group_alive(pid: int) -> bool:
+    """Whether the process group `pid` leads still has a process."""
+    try:
+        os.killpg(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
 def free_port() -> int:
     """A loopback port nothing listens on right now."""
     import socket

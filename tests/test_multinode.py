@@ -32,6 +32,7 @@ from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 RAY = str(BIN / "ray")
+STEPS = 10
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,9 @@ def _config(shared: Path, name: str, **train) -> Path:
     cfg = tiny_config(shared / "model", shared / "runs", name)
     # LoRA-TSD: both switches (LoRA-Init at step 2, the dash at step 4) happen on two nodes too
     cfg["method"].update(method="tsd", switch_step=2)
-    cfg["train"].update({"max_steps": 5, **train})
+    # 10 steps: the node-kill test needs its first checkpoint well before the end, and one
+    # reference serves every test
+    cfg["train"].update({"max_steps": STEPS, **train})
     cfg["workers"].update(num_workers=2, cpus_per_worker=1, placement_strategy="STRICT_SPREAD")
     cfg["tracking"].update(offline=True)
     path = shared / f"{name}.yaml"
@@ -183,7 +186,7 @@ def test_ray_job_across_two_nodes_equals_one_node(net, shared, cluster, referenc
     assert {n["address"] for n in nodes} == {net.address("head"), net.address("node")}
     assert sorted(r for n in nodes for r in n["ranks"]) == [0, 1]
     assert run.data.tags["nodes"] == "2" and len(run.data.tags["hosts"].split(",")) == 2
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, STEPS + 1))
     for node in ("node0", "node1"):  # MLflow's system metrics, one series per node
         assert f"system/{node}/cpu_utilization_percentage" in run.data.metrics, sorted(run.data.metrics)
     arts = _artifacts(cluster, run)
@@ -241,9 +244,8 @@ def test_a_node_without_the_shared_folder_is_refused_before_anything_is_written(
     assert not (run / "result.json").exists()
 
 
-def test_killed_worker_node_rejoins_and_the_run_resumes_to_the_same_adapter(net, shared, cluster):
-    reference = _one_node(shared, "one-node-long", max_steps=10, checkpoint_every=1)
-    cfg = _config(shared, "ray-kill", max_steps=10, checkpoint_every=1)
+def test_killed_worker_node_rejoins_and_the_run_resumes_to_the_same_adapter(net, shared, cluster, reference):
+    cfg = _config(shared, "ray-kill", checkpoint_every=1)
     data = yaml.safe_load(cfg.read_text())
     data["workers"]["max_failures"] = 1
     cfg.write_text(yaml.safe_dump(data))
@@ -276,46 +278,6 @@ def test_killed_worker_node_rejoins_and_the_run_resumes_to_the_same_adapter(net,
     assert run.info.status == "FINISHED" and int(run.data.tags.get("restarts", 0)) >= 1, out[-6000:]
     _assert_same_adapter(shared / "runs/ray-kill/adapter", reference)
     shutil.rmtree(shared / "runs/ray-kill/checkpoints", ignore_errors=True)
-
-
-def test_losing_the_tracking_server_mid_run_does_not_stop_two_node_training(net, shared, cluster):
-    """Rank 0 logs over HTTP from one host to the server on the other; the server goes away
-    after the first steps, training goes on and ends normally (the logger's outage path)."""
-    cfg = _with_tracking(_config(shared, "outage-2n", max_steps=8), cluster["mlflow"], "multinode")
-    server_env = {**cluster["env"], "MLFLOW_DIR": str(shared / "mlflow"), "HOST": net.address("head"), "PORT": "5000"}
-    log_dir = shared / "runs/outage-2n"
-
-    def stop_the_server_after_step_2():
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not _logged_step(cluster, "outage-2n", 2):
-            time.sleep(0.2)
-        net.check("head", ["bash", str(ROOT / "launch/mlflow_server.sh"), "stop"], env=server_env, timeout=60)
-
-    import threading
-
-    stopper = threading.Thread(target=stop_the_server_after_step_2, daemon=True)
-    stopper.start()
-    try:
-        codes, outs = _torchrun_two_nodes(net, shared, cfg, port=29513, env=child_env(TSD_INJECT_STEP_DELAY_S="1"))
-        stopper.join(120)
-    finally:  # the server back for whatever runs after
-        net.check("head", ["bash", str(ROOT / "launch/mlflow_server.sh"), "start"], env=server_env, timeout=180)
-    out = "\n".join(outs)
-    assert codes == [0, 0], out[-6000:]
-    assert "MLflow is not reachable" in out, out[-6000:]
-    assert (log_dir / "adapter/adapter_model.safetensors").is_file() and (log_dir / "result.json").is_file()
-
-
-def _logged_step(cluster: dict, name: str, step: int) -> bool:
-    import mlflow
-
-    try:
-        client = mlflow.MlflowClient(cluster["store"])
-        exp = client.get_experiment_by_name("multinode")
-        runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == name]
-        return bool(runs) and any(m.step >= step for m in client.get_metric_history(runs[0].info.run_id, "loss"))
-    except Exception:
-        return False
 
 
 SSHD = "/usr/sbin/sshd"
@@ -401,7 +363,7 @@ def test_deepspeed_launcher_over_ssh_across_two_hosts_equals_one_node(net, share
     assert sorted(r for n in nodes for r in n["ranks"]) == [0, 1]
     # the shared-storage check ran on both hosts and cleaned up after itself
     assert not list((shared / "runs").glob(".tsd-shared-*")), list((shared / "runs").iterdir())
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(1, STEPS + 1))
     _assert_same_adapter(shared / "runs/ds-2n/adapter", reference)
     _assert_same_adapter(_artifacts(cluster, run) / "adapter", reference)
 

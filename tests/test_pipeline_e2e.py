@@ -1,12 +1,16 @@
 """End to end on a tiny LLaMA with 2 CPU workers: Ray Train and the DeepSpeed launcher run the
-same loop, produce the same adapter, and leave a complete MLflow run.
+same loop, produce the same adapter, and leave a complete MLflow run. The Ray run logs to a real
+MLflow server through a URI with a password, which nothing shows or stores.
 
 The Ray run and the launcher run use the same config and seed; their adapters must agree
 (one training loop for every launcher), and stock PEFT must reproduce the trained model.
 """
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -14,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from proc_group import free_port, make_tiny_model, run_group
+from proc_group import free_port, group_alive, make_tiny_model, run_group
 from proc_group import child_env as _env
 import torch
 import yaml
@@ -57,15 +61,49 @@ def _run(cmd, timeout=600, **env):
     return proc
 
 
+SECRET = "pw-Zq81-s3cret"
+
+
 @pytest.fixture(scope="module")
-def ray_run(workdir):
+def server_with_password(tmp_path_factory):
+    """A real `mlflow server` (launch/mlflow_server.sh) reached through a URI with user:password.
+    The plain server accepts any credentials; the client still sends them (requests' basic
+    auth from the URL), so this is the success path a password-protected server takes."""
+    srv = tmp_path_factory.mktemp("srv")
+    env = {**os.environ, "MLFLOW_DIR": str(srv), "PORT": str(free_port()), "PYTHON": sys.executable}
+    script = str(ROOT / "launch" / "mlflow_server.sh")
+    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=180)
+    pid_file = srv / "mlflow_server.pid"
+    try:
+        assert started.returncode == 0, started.stderr
+        plain = started.stdout.strip().splitlines()[-1]
+        yield {"uri": plain.replace("http://", f"http://alice:{SECRET}@"), "dir": srv}
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=60)
+        if pid_file.exists() and group_alive(int(pid_file.read_text())):
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def ray_run(workdir, server_with_password):
+    """`tsd train` (Ray, 2 workers) logging to the server through a URI with a password, the
+    adapter registered as a model version. Ray's session goes under a folder of this test's
+    (scanned for the password), with Ray Train's state tracking (its dashboard's Train page;
+    off by default) switched on and exported to files: the scan covers what Ray shows of
+    train_loop_config."""
     cfg = _config(workdir, "ray-dash")
     data = yaml.safe_load(cfg.read_text())
-    data["tracking"]["register_as"] = "e2e-dash"  # the adapter becomes a model version too
+    data["tracking"].update(uri=server_with_password["uri"], register_as="e2e-dash")
     cfg.write_text(yaml.safe_dump(data))
-    # A build folder of its own (test_no_rank_compiles_deepspeeds_unused_comm_op)
-    proc = _run([str(BIN / "tsd"), "train", str(cfg)], TORCH_EXTENSIONS_DIR=str(workdir / "ext-ray"))
-    return {"proc": proc, "dir": workdir / "runs/ray-dash"}
+    ray_tmp = Path(tempfile.mkdtemp(prefix="tsdray", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    try:
+        # A build folder of its own (test_no_rank_compiles_deepspeeds_unused_comm_op)
+        proc = _run([str(BIN / "tsd"), "train", str(cfg)], TORCH_EXTENSIONS_DIR=str(workdir / "ext-ray"),
+                    RAY_TMPDIR=str(ray_tmp), RAY_TRAIN_ENABLE_STATE_TRACKING="1", RAY_enable_export_api_write="1")
+        yield {"proc": proc, "dir": workdir / "runs/ray-dash", "uri": server_with_password["uri"],
+               "ray_tmp": ray_tmp}
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +118,10 @@ def launcher_run(workdir):
     return {"proc": proc, "dir": workdir / "runs/ds-dash"}
 
 
-def _mlflow_runs(workdir):
+def _mlflow_runs(uri: str):
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("e2e")
     return client, client.search_runs([exp.experiment_id])
 
@@ -91,10 +129,10 @@ def _mlflow_runs(workdir):
 def test_ray_run_produces_one_complete_mlflow_run(workdir, ray_run):
     from pipeline.tracking.store import summarize_run
 
-    client, runs = _mlflow_runs(workdir)
+    client, runs = _mlflow_runs(ray_run["uri"])
     mine = [r for r in runs if r.info.run_name == "ray-dash"]
     assert len(mine) == 1, "the driver must create exactly one run; workers must not add more"
-    s = summarize_run(f"sqlite:///{workdir}/mlflow.db", mine[0].info.run_id)
+    s = summarize_run(ray_run["uri"], mine[0].info.run_id)
     assert s["status"] == "FINISHED"
     assert s["params"]["method.method"] == "dash" and s["params"]["method.num_directions"] == "3"
     assert s["tags"]["method"] == "dash" and s["tags"]["world_size"] == "2" and s["tags"]["launcher"] == "ray"
@@ -118,11 +156,65 @@ def test_ray_run_produces_one_complete_mlflow_run(workdir, ray_run):
     version = client.get_model_version("e2e-dash", "1")
     assert version.run_id == mine[0].info.run_id and s["tags"]["registered_model"] == "e2e-dash/1"
     # The logged direction table is the adapter's own selection.
-    rows = json.loads(Path(s["artifact_uri"].removeprefix("file://"), "directions/dash/directions.json").read_text())
+    assert s["artifact_uri"].startswith("mlflow-artifacts:")  # proxied by the server
+    local = client.download_artifacts(mine[0].info.run_id, "directions/dash/directions.json", str(workdir / "dl"))
+    rows = json.loads(Path(local).read_text())
     state = load_file(str(ray_run["dir"] / "adapter/tsd_state.safetensors"))
     cols = rows["columns"]
     first = [dict(zip(cols, r)) for r in rows["data"] if dict(zip(cols, r))["layer"] == "model.layers.0.self_attn.q_proj"]
     assert [r["index"] for r in first] == state["model.layers.0.self_attn.q_proj.dash_indices"].tolist()
+
+
+def _files_containing(root: Path, secret: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+
+def test_a_ray_run_never_shows_the_password(workdir, ray_run, server_with_password):
+    """The Ray run logged through a URI with a password: stdout/stderr (driver, Ray's worker
+    logs), the run folder, the MLflow store (params, tags, artifacts such as
+    config/run_config.json) and Ray's own session files, Train state exports included, never
+    contain it; the masked URI is what is shown and stored."""
+    from pipeline.tracking import store
+
+    proc, ray_tmp = ray_run["proc"], ray_run["ray_tmp"]
+    shown = ray_run["uri"].replace(SECRET, "***")
+    assert "[tsd driver] MLflow run" in proc.stderr and shown in proc.stderr
+    assert SECRET not in proc.stdout and SECRET not in proc.stderr
+    assert "step 5/5" in proc.stderr  # the workers' own log lines came through
+    assert _files_containing(ray_run["dir"], SECRET) == []
+    assert _files_containing(server_with_password["dir"], SECRET) == []
+    assert list(ray_tmp.rglob("session_*/logs/*.log")), "Ray's session is not under RAY_TMPDIR: nothing scanned"
+    exports = [p for p in ray_tmp.rglob("export_events/*") if p.is_file()]
+    assert any(re.search(rb"train_?[lL]oop_?[cC]onfig", p.read_bytes()) for p in exports), \
+        f"Ray exported no train run (train_loop_config): {[(p.name, p.stat().st_size) for p in exports]}"
+    assert _files_containing(ray_tmp, SECRET) == []
+    client = store.client(ray_run["uri"])
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("e2e").experiment_id])
+              if r.info.run_name == "ray-dash"]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["tracking.uri"] == shown
+    local = Path(client.download_artifacts(run.info.run_id, "config", str(workdir / "dl-config")))
+    assert shown in (local / "run_config.json").read_text()
+
+
+def test_tracking_api_never_shows_the_password(server_with_password, tmp_path, capfd):
+    """start_run / RunLogger / end_run against the server: nothing printed, logged or stored has
+    the password (MLflow itself prints "View run ... at: <URI>" when a run ends)."""
+    from pipeline.tracking.logger import RunLogger
+    from pipeline.tracking.store import end_run, start_run, summarize_run
+
+    uri = server_with_password["uri"]
+    run_id = start_run(uri, "masked", "r", tags={"method": "dash"}, params={"tracking": {"uri": uri}})
+    with RunLogger(uri, run_id, staging_dir=tmp_path / "stage") as logger:
+        logger.log_metrics({"loss": 0.5}, step=1)
+        logger.log_dict({"tracking": {"uri": uri}}, "config/run_config.json")
+    end_run(uri, run_id)
+    out = capfd.readouterr()
+    assert SECRET not in out.out + out.err
+    s = summarize_run(uri, run_id)
+    assert s["status"] == "FINISHED" and s["params"]["tracking.uri"] == uri.replace(SECRET, "***")
+    assert SECRET not in json.dumps(s)
+    assert _files_containing(server_with_password["dir"], SECRET) == []
 
 
 def test_ray_driver_shows_each_worker_line_once_and_no_dependency_warnings(ray_run):
@@ -164,7 +256,7 @@ def test_deepspeed_launcher_runs_the_same_loop_to_the_same_adapter(workdir, ray_
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
-    _, runs = _mlflow_runs(workdir)
+    _, runs = _mlflow_runs(f"sqlite:///{workdir}/mlflow.db")
     ds = [r for r in runs if r.info.run_name == "ds-dash"]
     assert len(ds) == 1 and ds[0].info.status == "FINISHED"
     assert ds[0].data.tags["launcher"] == "deepspeed"
@@ -218,8 +310,13 @@ def test_bad_config_is_a_clear_error_without_traceback(workdir):
 
 @pytest.mark.skipif(shutil.which("ray", path=str(BIN)) is None, reason="ray CLI missing")
 def test_ray_job_submit_against_a_local_head_node(workdir, tmp_path):
-    """`launch/ray_submit.sh` against a head node started here (token auth, loopback)."""
+    """`launch/ray_submit.sh` against a head node started here (token auth, loopback). The job
+    runs offline (tracking.offline, its URI pointing at nothing): it trains without the tracking
+    server, with its metrics in the log only, and makes no MLflow run."""
     cfg = _config(workdir, "job-dash")
+    data = yaml.safe_load(cfg.read_text())
+    data["tracking"].update(uri=f"http://127.0.0.1:{free_port()}", offline=True)
+    cfg.write_text(yaml.safe_dump(data))
     env = _env(RAY_AUTH_MODE="token", HOME=str(tmp_path))  # the token goes to $HOME/.ray/auth_token
     ray = str(BIN / "ray")
     port = str(free_port())
@@ -263,6 +360,8 @@ def test_ray_job_submit_against_a_local_head_node(workdir, tmp_path):
         assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         assert "succeeded" in proc.stdout.lower()
         assert (workdir / "runs/job-dash/adapter/adapter_model.safetensors").is_file()
+        assert "step 5/5 loss" in proc.stdout  # the job's log: metrics only there
+        assert "MLflow run" not in proc.stdout + proc.stderr
     finally:
         _stop_processes_using(ray_tmp)  # not `ray stop`: it kills every Ray on the machine
         shutil.rmtree(ray_tmp, ignore_errors=True)

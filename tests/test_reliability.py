@@ -311,16 +311,3 @@ def test_tracking_server_going_away_mid_run_loses_no_metric(workdir):
         assert any(a.path == "adapter/tsd_state.safetensors" for a in client.list_artifacts(run.info.run_id, "adapter"))
     finally:
         _server(env, "stop")
-
-
-def test_offline_run_trains_without_the_tracking_server(workdir):
-    port = free_port()
-    cfg = _base_config(workdir, "offline")
-    cfg["tracking"].update(uri=f"http://127.0.0.1:{port}", offline=True)
-    path = workdir / "offline.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = run_group([str(BIN / "tsd"), "train", str(path)], cwd=ROOT, env=_env(), timeout=500)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    assert "step 5/5 loss" in proc.stderr  # metrics only to the log
-    assert "MLflow run" not in proc.stdout
-    assert (workdir / "runs/offline/adapter/adapter_model.safetensors").is_file()

@@ -11,7 +11,6 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from proc_group import free_port
+from proc_group import free_port, group_alive
 import torch
 
 from pipeline.reports.directions import plot_change_rates, representative_layers
@@ -455,14 +454,6 @@ def test_registering_needs_a_database_store_and_a_logged_adapter(tmp_path):
 # --------------------------------------------------------------------------- tracking server
 
 
-def _group_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
 @pytest.mark.slow
 def test_server_script_serves_runs_over_http(tmp_path):
     port = free_port()
@@ -476,7 +467,7 @@ def test_server_script_serves_runs_over_http(tmp_path):
         uri = started.stdout.strip().splitlines()[-1]
         assert uri == f"http://127.0.0.1:{port}"
         pid = int(pid_file.read_text())
-        assert _group_alive(pid)
+        assert group_alive(pid)
 
         run_id = start_run(uri, "over-http", "r", tags={"method": "dash"}, params={"tracking": {"uri": uri}})
         with RunLogger(uri, run_id) as logger:
@@ -492,102 +483,15 @@ def test_server_script_serves_runs_over_http(tmp_path):
 
         stopped = subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=60)
         assert stopped.returncode == 0, stopped.stderr
-        assert not _group_alive(pid) and not pid_file.exists()
+        assert not group_alive(pid) and not pid_file.exists()
     finally:
         if pid is None and pid_file.exists():  # start failed or timed out half-way
             pid = int(pid_file.read_text())
-        if pid is not None and _group_alive(pid):  # the script failed to stop it: do it here
+        if pid is not None and group_alive(pid):  # the script failed to stop it: do it here
             os.killpg(pid, signal.SIGKILL)
 
 
-# --------------------------------------------------------------------------- a password in the URI
-
-
-@pytest.fixture(scope="module")
-def server_with_password(tmp_path_factory):
-    """A real `mlflow server` (launch/mlflow_server.sh) reached through a URI with user:password.
-    The plain server accepts any credentials; the client still sends them (requests' basic
-    auth from the URL), so this is the success path a password-protected server takes."""
-    srv = tmp_path_factory.mktemp("srv")
-    env = {**os.environ, "MLFLOW_DIR": str(srv), "PORT": str(free_port()), "PYTHON": sys.executable}
-    script = str(REPO / "launch" / "mlflow_server.sh")
-    started = subprocess.run([script, "start"], env=env, capture_output=True, text=True, timeout=180)
-    pid_file = srv / "mlflow_server.pid"
-    try:
-        assert started.returncode == 0, started.stderr
-        plain = started.stdout.strip().splitlines()[-1]
-        yield {"uri": plain.replace("http://", f"http://alice:{SECRET}@"), "dir": srv}
-    finally:
-        subprocess.run([script, "stop"], env=env, capture_output=True, text=True, timeout=60)
-        if pid_file.exists() and _group_alive(int(pid_file.read_text())):
-            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
-
-
-def _files_containing(root: Path, secret: str) -> list[str]:
-    return [str(p) for p in root.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
-
-
-@pytest.mark.slow
-def test_tracking_api_never_shows_the_password(server_with_password, tmp_path, capfd):
-    """start_run / RunLogger / end_run against the server: nothing printed, logged or stored has
-    the password (MLflow itself prints "View run ... at: <URI>" when a run ends)."""
-    uri = server_with_password["uri"]
-    run_id = start_run(uri, "masked", "r", tags={"method": "dash"}, params={"tracking": {"uri": uri}})
-    with RunLogger(uri, run_id, staging_dir=tmp_path / "stage") as logger:
-        logger.log_metrics({"loss": 0.5}, step=1)
-        logger.log_dict({"tracking": {"uri": uri}}, "config/run_config.json")
-    end_run(uri, run_id)
-    out = capfd.readouterr()
-    assert SECRET not in out.out + out.err
-    s = summarize_run(uri, run_id)
-    assert s["status"] == "FINISHED" and s["params"]["tracking.uri"] == uri.replace(SECRET, "***")
-    assert SECRET not in json.dumps(s)
-    assert _files_containing(server_with_password["dir"], SECRET) == []
-
-
-@pytest.mark.slow
-def test_a_ray_run_never_shows_the_password(server_with_password, tmp_path_factory):
-    """`tsd train` (Ray, 2 workers) logging to a URI with a password: stdout/stderr (driver,
-    Ray's worker logs), the run folder, the MLflow store (params, tags, artifacts such as
-    config/run_config.json) and Ray's own session files never contain it. Ray Train's state
-    tracking (its dashboard's Train page; off by default) is switched on and exported to files,
-    so the scan covers what Ray shows of train_loop_config."""
-    import tempfile
-
-    import yaml
-    from proc_group import child_env, make_tiny_model, run_group, tiny_config
-
-    wd = tmp_path_factory.mktemp("masked-run")
-    make_tiny_model(wd / "model")
-    cfg = tiny_config(wd / "model", wd / "runs", "masked")
-    cfg["tracking"].update(uri=server_with_password["uri"], experiment="masked-ray")
-    (wd / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    ray_tmp = Path(tempfile.mkdtemp(prefix="tsdray", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    try:
-        proc = run_group([str(Path(sys.executable).parent / "tsd"), "train", str(wd / "cfg.yaml")], cwd=REPO,
-                         env=child_env(RAY_TMPDIR=str(ray_tmp), RAY_TRAIN_ENABLE_STATE_TRACKING="1",
-                                       RAY_enable_export_api_write="1"), timeout=600)
-        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-        shown = server_with_password["uri"].replace(SECRET, "***")
-        assert "[tsd driver] MLflow run" in proc.stderr and shown in proc.stderr
-        assert SECRET not in proc.stdout and SECRET not in proc.stderr
-        assert "step 5/5" in proc.stderr  # the workers' own log lines came through
-        assert _files_containing(wd / "runs", SECRET) == []
-        assert _files_containing(server_with_password["dir"], SECRET) == []
-        assert list(ray_tmp.rglob("session_*/logs/*.log")), "Ray's session is not under RAY_TMPDIR: nothing scanned"
-        exports = [p for p in ray_tmp.rglob("export_events/*") if p.is_file()]
-        assert any(re.search(rb"train_?[lL]oop_?[cC]onfig", p.read_bytes()) for p in exports), \
-            f"Ray exported no train run (train_loop_config): {[(p.name, p.stat().st_size) for p in exports]}"
-        assert _files_containing(ray_tmp, SECRET) == []
-    finally:
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-
-    client = store.client(server_with_password["uri"])
-    (run,) = client.search_runs([client.get_experiment_by_name("masked-ray").experiment_id])
-    assert run.info.status == "FINISHED"
-    assert run.data.params["tracking.uri"] == shown
-    local = Path(client.download_artifacts(run.info.run_id, "config", str(wd / "dl")))
-    assert shown in (local / "run_config.json").read_text()
+# A password in the URI of a real server, through the API and a Ray run: tests/test_pipeline_e2e.py
 
 
 def test_close_run_against_a_dead_server_warns_with_the_password_masked_and_does_not_raise(caplog):
