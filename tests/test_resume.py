@@ -319,7 +319,13 @@ def test_a_crashed_run_rerun_on_one_rank_continues_in_its_mlflow_run(two_rank_ru
     path = wd / "cut.yaml"
     path.write_text(yaml.safe_dump({**cfg, "name": "cut"}))
     first = torchrun_worker(path, TSD_INJECT_NAN_AT_STEP="7")
-    assert first.returncode != 0 and "non-finite loss" in first.stdout + first.stderr
+    # The NaN stops it cleanly (also test_faults.py's NaN-loss case): the last good checkpoint
+    # kept and named, nothing of step 7 saved, no adapter that looks complete, the run FAILED.
+    assert first.returncode != 0 and "non-finite loss (nan) at optimizer step 7" in first.stderr
+    assert "The last good checkpoint (step6" in first.stderr
+    assert (wd / "runs/cut/checkpoints/latest").read_text().strip() == "step6"
+    assert not (wd / "runs/cut/checkpoints/step7").exists()
+    assert not (wd / "runs/cut/adapter").exists(), "a stopped run must not leave an adapter that looks complete"
     client = mlflow.MlflowClient(cfg["tracking"]["uri"])
     exp = client.get_experiment_by_name(cfg["tracking"]["experiment"])
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'cut'")
