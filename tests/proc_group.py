@@ -126,3 +126,50 @@ def train_config(cfg: dict, wd: Path, nproc: int = 2, copy_from: Path | None = N
     path = wd / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return torchrun_worker(path, nproc=nproc)
+
+
+# ----------------------------------------------------------------------------- runs shared by files
+def session_folder(tmp_path_factory, name: str, make) -> Path:
+    """A folder `make(folder)` fills once per test session, for every xdist worker: the first to
+    ask makes it under a file lock, the others wait for it and read it. One that failed half-way
+    is made again by the next to ask (its error shows there too). Readers copy what they change."""
+    import shutil
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this session's folder, above each worker's own
+    folder = base / "session" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock", timeout=1200):
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
+def lora_tsd_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The suite's one uninterrupted 2-rank LoRA-TSD run, shared by test_resume, test_reliability
+    and test_strategies (each trained its own, almost the same): the tiny model, switches at
+    steps 2 (Init) and 4 (Dash), dropout 0.1, 6 steps, warm-up 2 then linear, a checkpoint every
+    step (all kept), ZeRO-3, tracked in <folder>/mlflow.db. Returns (folder, its config dict):
+    the run is <folder>/runs/full, the model <folder>/model."""
+    import yaml
+
+    def make(wd: Path) -> None:
+        make_tiny_model(wd / "model")
+        cfg = tiny_config(wd / "model", wd / "runs", "full")
+        cfg["method"].update(method="tsd", switch_step=2, dropout=0.1)
+        cfg["train"].update(max_steps=6, warmup_steps=2, schedule="linear", checkpoint_every=1,
+                            keep_checkpoints=None, log_every=1)
+        cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment="resume")
+        (wd / "full.yaml").write_text(yaml.safe_dump(cfg))
+        proc = torchrun_worker(wd / "full.yaml")
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+    wd = session_folder(tmp_path_factory, "lora-tsd", make)
+    return wd, yaml.safe_load((wd / "full.yaml").read_text())
+

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from proc_group import PicklePayload, free_port, make_tiny_model, run_group, tiny_config, torchrun_worker
+from proc_group import PicklePayload, free_port, lora_tsd_run, make_tiny_model, run_group, tiny_config, torchrun_worker
 from proc_group import child_env as _env
 from safetensors.torch import load_file
 
@@ -42,16 +42,13 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_run(workdir):
-    """An uninterrupted LoRA-TSD run (switches at steps 2 and 4) with a checkpoint every step."""
-    cfg = _base_config(workdir, "full")
-    cfg["method"].update(method="tsd", switch_step=2, dropout=0.1)
-    cfg["train"].update(max_steps=6, checkpoint_every=1, keep_checkpoints=None)  # every tag: the tests pick some
-    cfg["tracking"]["offline"] = True
-    path = workdir / "full.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    _worker(path)
-    return cfg
+def full_run(workdir, tmp_path_factory):
+    """The suite's uninterrupted LoRA-TSD run (proc_group.lora_tsd_run: switches at steps 2 and 4,
+    a checkpoint every step): its folder, and its config for this file's resumes (offline, their
+    runs under workdir/runs)."""
+    shared, cfg = lora_tsd_run(tmp_path_factory)
+    cfg = {**cfg, "output_dir": str(workdir / "runs"), "tracking": {**cfg["tracking"], "offline": True}}
+    return {"dir": shared / "runs/full", "cfg": cfg}
 
 
 def _truncate(f: Path):
@@ -80,20 +77,20 @@ def test_corrupt_latest_checkpoint_falls_back_past_every_broken_tag(workdir, ful
     switches again, at steps 2 and 4): also tests/test_resume.py's resume before the switches."""
     name = "corrupt"
     ckpt = workdir / "runs" / name / "checkpoints"
-    shutil.copytree(workdir / "runs/full/checkpoints", ckpt)
+    shutil.copytree(full_run["dir"] / "checkpoints", ckpt)
     shutil.rmtree(ckpt / "step6")
     (ckpt / "latest").write_text("step5")
     for tag, (corrupt, _) in CORRUPTIONS.items():
         corrupt(ckpt / tag)
     path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**full_run, "name": name}))
+    path.write_text(yaml.safe_dump({**full_run["cfg"], "name": name}))
     proc = _worker(path)
     for tag, (_, line) in CORRUPTIONS.items():
         assert "checkpoint check: " + line.format(tag=ckpt / tag) in proc.stderr, (tag, proc.stderr[-6000:])
     assert f"the latest checkpoint 'step5' in {ckpt} is incomplete or corrupt" in proc.stderr
     assert "resuming from the newest whole older checkpoint 'step1' instead" in proc.stderr
     assert "at optimizer step 1" in proc.stderr
-    want = load_file(str(workdir / "runs/full/adapter/tsd_state.safetensors"))
+    want = load_file(str(full_run["dir"] / "adapter/tsd_state.safetensors"))
     got = load_file(str(workdir / "runs" / name / "adapter/tsd_state.safetensors"))
     assert want.keys() == got.keys()
     for k in want:
@@ -107,17 +104,17 @@ def test_latest_naming_a_path_resumes_from_this_runs_newest_tag(workdir, full_ru
     name = "latest-path"
     run = workdir / "runs" / name
     ckpt = run / "checkpoints"
-    shutil.copytree(workdir / "runs/full/checkpoints", ckpt)
+    shutil.copytree(full_run["dir"] / "checkpoints", ckpt)
     shutil.move(ckpt / "step6", run / "x")  # whole, and newer: loading it would skip steps 5 and 6
     shutil.rmtree(ckpt / "step5")
     (ckpt / "latest").write_text("../x")
     path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**full_run, "name": name}))
+    path.write_text(yaml.safe_dump({**full_run["cfg"], "name": name}))
     proc = _worker(path)
     assert f"{ckpt / 'latest'} holds '../x', which is not a checkpoint tag of this run" in proc.stderr
     assert "resuming from the newest whole checkpoint 'step4' instead" in proc.stderr
     assert "at optimizer step 4" in proc.stderr
-    want = load_file(str(workdir / "runs/full/adapter/tsd_state.safetensors"))
+    want = load_file(str(full_run["dir"] / "adapter/tsd_state.safetensors"))
     got = load_file(str(run / "adapter/tsd_state.safetensors"))
     for k in want:
         torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
@@ -128,7 +125,7 @@ def test_resume_never_unpickles_a_planted_checkpoint(workdir, full_run):
     the resume refuses it by name and the payload never runs."""
     name = "planted"
     ckpt = workdir / "runs" / name / "checkpoints"
-    shutil.copytree(workdir / "runs/full/checkpoints", ckpt)
+    shutil.copytree(full_run["dir"] / "checkpoints", ckpt)
     for later in (5, 6):
         shutil.rmtree(ckpt / f"step{later}")
     (ckpt / "latest").write_text("step4")
@@ -138,7 +135,7 @@ def test_resume_never_unpickles_a_planted_checkpoint(workdir, full_run):
     state["planted"] = PicklePayload(str(marker))
     torch.save(state, victim)
     path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**full_run, "name": name}))
+    path.write_text(yaml.safe_dump({**full_run["cfg"], "name": name}))
     proc = torchrun_worker(path)
     assert proc.returncode != 0
     assert f"{victim}: refused by the weights-only load" in proc.stderr + proc.stdout

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from proc_group import crashed_after, make_tiny_model, tiny_config, torchrun_worker
+from proc_group import crashed_after, lora_tsd_run, make_tiny_model, tiny_config, torchrun_worker
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -46,8 +46,9 @@ def _tsd_run(wd: Path, name: str, experiment: str, method: dict, train: dict, da
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
-    return _tsd_run(tmp_path_factory.mktemp("resume"), "full", "resume", dict(switch_step=2, dropout=0.1),
-                    dict(max_steps=6, warmup_steps=2, schedule="linear"))
+    """The suite's shared LoRA-TSD run (proc_group.lora_tsd_run): (its folder, its config). This
+    file's resumes write their runs and MLflow runs beside it; the other files only read it."""
+    return lora_tsd_run(tmp_path_factory)
 
 
 def intended_lr(step: int, lr: float, warmup: int, total: int, switch: int) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from proc_group import make_tiny_model, tiny_config, train_config
+from proc_group import lora_tsd_run, tiny_config, train_config
 from safetensors.torch import load_file
 
 from pipeline.training.strategy import ModelSizes, bytes_per_rank, choose_strategy, model_sizes
@@ -100,15 +100,17 @@ def test_a_bfloat16_folder_trained_in_float32_is_sized_in_float32_by_the_strateg
 def runs(tmp_path_factory):
     """Each (method, strategy) run once per module, on demand: name -> run folder."""
     wd = tmp_path_factory.mktemp("strategies")
-    make_tiny_model(wd / "model")
-    done: dict[str, Path] = {}
+    # ZeRO-3's LoRA-TSD run is the suite's shared one (proc_group.lora_tsd_run: the same config as
+    # run() makes, tracked): every run here trains its model
+    shared, _ = lora_tsd_run(tmp_path_factory)
+    done: dict[str, Path] = {"tsd-zero3": shared / "runs/full"}
 
     def run(method: str, strategy: str, name: str | None = None, nproc: int = 2, copy_from: Path | None = None,
             stop_at: int | None = None, expect_ok: bool = True, dropout: float = 0.1):
         name = name or f"{method}-{strategy}"
         if name in done:
             return done[name]
-        cfg = tiny_config(wd / "model", wd / "runs", name)
+        cfg = tiny_config(shared / "model", wd / "runs", name)
         cfg["deepspeed"].update(config=str(ROOT / "configs/deepspeed/default.json"), strategy=strategy)
         cfg["method"].update(method=method, switch_step=2, dropout=dropout)
         cfg["train"].update(max_steps=6, warmup_steps=2, checkpoint_every=1, keep_checkpoints=None)
