@@ -156,11 +156,10 @@ if _PROFILE:
 # idle at the end. The order: wall seconds measured with TSD_TEST_PROFILE (docs/TESTING.md).
 # (--no-loadscope-reorder: xdist would otherwise order files by their number of tests.)
 LONGEST_FIRST = [
-    "test_multinode.py", "test_reliability.py", "test_pipeline_e2e.py", "test_resume.py", "test_strategies.py",
-    "test_full_ft.py", "test_dash_lr.py", "test_rank_failure.py", "test_run_lock.py", "test_rerun.py",
-    "test_base_fingerprint.py", "test_architectures.py", "test_faults.py",
-    "test_seq_cls.py", "test_tracking.py", "test_bad_input.py", "test_checkpointing.py", "test_evaluate.py",
-    "test_compare.py", "test_zero3.py",
+    "test_multinode.py", "test_reliability.py", "test_pipeline_e2e.py", "test_resume.py", "test_full_ft.py",
+    "test_rerun.py", "test_rank_failure.py", "test_seq_cls.py", "test_strategies.py", "test_dash_lr.py",
+    "test_run_lock.py", "test_base_fingerprint.py", "test_tracking.py", "test_zero3.py", "test_architectures.py",
+    "test_bad_input.py", "test_faults.py", "test_checkpointing.py", "test_evaluate.py", "test_compare.py",
 ]
 
 
