@@ -132,3 +132,68 @@ def test_ray_train_ends_the_job_when_rank_1_fails_in_the_switch(tmp_path, model_
     # Ray Train's controller reports the failed rank with its error; the driver marks the run FAILED.
     assert "[Rank 1 Error Snippet]" in out, out[-6000:]
     print(f"ray: job ended {seconds:.1f}s after rank 1 failed")
+
+
+# ----------------------------------------------------------------------------- a failure every rank reaches
+# One rank's process with the process group and its store stood in for (no launcher): rank 1 of 2,
+# whose peer (rank 0) has just published a failure in the store. argv: the delay before this
+# rank's own main thread reports the same error (end_job), or "none": it never does.
+_RANK_1 = """
+import sys, threading, time
+import torch.distributed as dist
+from pipeline.training import rank_failure
+
+class Store:
+    def __init__(self):
+        self.d = {"tsd/failure/attempt0/first": b"1\\trank 0 of 2 (h) failed: ValueError: the same check",
+                  "tsd/failure/attempt0/count": 1}
+    def check(self, keys):
+        return all(k in self.d for k in keys)
+    def get(self, k):
+        return self.d[k]
+    def set(self, k, v):
+        self.d[k] = v
+    def add(self, k, n):
+        self.d[k] = self.d.get(k, 0) + n
+        return self.d[k]
+
+dist.is_available = lambda: True
+dist.is_initialized = lambda: True
+dist.get_rank = lambda: 1
+rank_failure.rank_and_world = lambda: (1, 2)
+store = Store()
+rank_failure._store = lambda: store
+rank_failure.watch()
+if sys.argv[1] == "none":
+    time.sleep(30)
+time.sleep(float(sys.argv[1]))
+rank_failure.end_job(ValueError("the same check"), code=2, logged=True)
+"""
+
+
+@pytest.mark.parametrize("own_report_after_s, code", [("0.6", 2), ("none", 1)])
+def test_a_rank_failing_the_same_check_a_moment_after_its_peer_exits_with_its_own_code(own_report_after_s, code):
+    """The peer's failure is in the store before this rank's main thread reports its own (0.6 s
+    later: three of the watcher's polls, as a loaded machine delays one rank). The watcher lets it:
+    the rank exits 2 with its own error, not 1 on the peer's word. A rank with nothing to report
+    (blocked elsewhere) still leaves on the peer's word, with 1."""
+    proc = subprocess.run([sys.executable, "-c", _RANK_1, own_report_after_s], cwd=ROOT, env=child_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    if code == 1:
+        assert "stopping: rank 0 of 2 (h) failed: ValueError: the same check" in proc.stderr
+
+
+def test_a_leaving_rank_keeps_its_exit_code_when_the_launcher_terminates_it():
+    """end_job's rank waits for its peers' acknowledgements; the launcher's SIGTERM in that wait
+    (it terminates the ranks left once one has exited) must leave its code, 2, not -15."""
+    script = """
+import os, signal, sys, threading, time
+from pipeline.training import rank_failure
+rank_failure._keep_exit_code_on_sigterm(2)
+threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+time.sleep(30)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr

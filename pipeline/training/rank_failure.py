@@ -10,9 +10,11 @@ wait on them. `end_job`, called on the failing rank:
 3. publishes it in the process group's store (the first failure wins);
 4. waits a moment (at most ACK_WAIT_S) until every other rank has acknowledged: each rank's
    watcher thread (`watch`) polls the store, sees the line within POLL_S even while its main
-   thread is blocked in a collective, prints it, runs its callbacks (rank 0 marks the MLflow
-   run it made FAILED), acknowledges and leaves with os._exit;
-5. leaves with os._exit(code): no further collective, no destroy_process_group.
+   thread is blocked in a collective, gives its main thread OWN_REPORT_GRACE_S to report an
+   error of its own (every rank fails a shared check together), then prints the line, runs its
+   callbacks (rank 0 marks the MLflow run it made FAILED), acknowledges and leaves with os._exit;
+5. leaves with os._exit(code): no further collective, no destroy_process_group; a SIGTERM from
+   the launcher while it waits ends it with the same code.
 
 The acknowledgement is why the failing rank waits at all: the launcher reacts to the first
 non-zero exit by terminating the other ranks (torchrun's agent and the DeepSpeed launcher both
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -42,6 +45,12 @@ from pipeline.training.distributed import exit_now, rank_and_world
 
 POLL_S = 0.2  # how often a watcher looks for a failure: the job ends within about this much of it
 ACK_WAIT_S = 15.0  # the most the failing rank waits for the others (e.g. rank 0 ending an MLflow run)
+# How long a watcher lets its own rank report an error first. A check every rank makes after one
+# collective (the base's fingerprint at a resume) fails on every rank at once, and each should
+# exit with its own message and code; on a busy machine one rank's main thread can reach
+# `end_job` a scheduling delay after a peer published the same failure. A rank blocked in a
+# collective with the failed one leaves this much later.
+OWN_REPORT_GRACE_S = 2.0
 
 _lock = threading.Lock()
 _leaving = False  # this process has begun to leave, by its own failure or a peer's
@@ -126,8 +135,11 @@ def _watch() -> None:
             stamp, line = store.get(first_key).decode().split("\t", 1)
         except Exception:
             return  # the store is gone: the job is ending anyway, and the main thread sees it too
+        deadline = time.monotonic() + OWN_REPORT_GRACE_S
+        while time.monotonic() < deadline and not _leaving:
+            time.sleep(0.05)
         with _lock:
-            if _leaving:
+            if _leaving:  # this rank is reporting an error of its own (end_job)
                 return
             _leaving = True
         log(f"stopping: {line}", all_ranks=True)
@@ -155,6 +167,7 @@ def end_job(exc: BaseException, code: int = 1, logged: bool = False) -> None:
     if already:  # the watcher is ending this rank for a peer's failure: let it finish
         time.sleep(ACK_WAIT_S + 5)
         exit_now(code)
+    _keep_exit_code_on_sigterm(code)
     first_line = mask_secrets(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     line = f"rank {rank} of {world} ({socket.gethostname()}) failed: {type(exc).__name__}: {first_line}"
     # A user error (`logged`: the caller printed its message) is reported by its message alone,
@@ -196,6 +209,20 @@ def end_job(exc: BaseException, code: int = 1, logged: bool = False) -> None:
             _record_for_torchrun(line, stack, now)
         _ack(store, rank)
     exit_now(code)
+
+
+def _keep_exit_code_on_sigterm(code: int) -> None:
+    """From here this rank only waits for its peers' acknowledgements and leaves. The launcher
+    terminates the ranks still alive once one has exited (torchrun's agent looks every 0.1 s, the
+    DeepSpeed launcher at once); a rank caught in that gap must still exit with its own code, not
+    as killed by SIGTERM. Python runs the handler in the main thread, which is where this rank
+    now waits (in Python, never in a collective)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        signal.signal(signal.SIGTERM, lambda signum, frame: exit_now(code))
+    except (ValueError, OSError):
+        pass
 
 
 def _record_for_torchrun(message: str, stack: str, timestamp: int) -> None:
