@@ -50,6 +50,12 @@ def test_exported_model_is_the_trained_model(full_run):
         torch.testing.assert_close(v, trained[k].to(v.dtype), atol=0, rtol=0, msg=k)
         moved += int(not torch.equal(v, base[k]))
     assert moved == len(exported)  # every parameter trained
+    # The folder stands alone: the base's tokenizer is in it
+    from transformers import AutoTokenizer
+
+    text = "Answer the question : who wins ?"
+    assert AutoTokenizer.from_pretrained(str(run / "model"))(text)["input_ids"] == \
+        AutoTokenizer.from_pretrained(str(wd / "model"))(text)["input_ids"]
     ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
     reloaded = AutoModelForCausalLM.from_pretrained(str(run / "model")).eval()
     reference = AutoModelForCausalLM.from_pretrained(str(wd / "model")).eval()

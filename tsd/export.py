@@ -245,13 +245,14 @@ FULL_INDEX = "model.safetensors.index.json"
 
 
 def save_full_model(model: nn.Module, out_dir: str | os.PathLike, is_writer: bool = True,
-                    shard_bytes: int = 2**30) -> list[str]:
+                    shard_bytes: int = 2**30, tokenizer=None) -> list[str]:
     """The whole fine-tuned model as Hugging Face safetensors shards + index (method full), a
-    folder `from_pretrained` loads. Under ZeRO-3 every rank must call it: parameters are made
-    whole one at a time (`gathered`), so no rank ever holds more than one parameter beyond its
-    own slices, and the writer (`is_writer`, rank 0) at most one shard of `shard_bytes`.
-    Written to a temporary folder renamed at the end: never a half-written model. Returns the
-    shard file names (writer only)."""
+    folder `from_pretrained` loads, with `tokenizer` (what `save_pretrained` writes) when given:
+    the folder then stands alone as a model. Under ZeRO-3 every rank must call it: parameters
+    are made whole one at a time (`gathered`), so no rank ever holds more than one parameter
+    beyond its own slices, and the writer (`is_writer`, rank 0) at most one shard of
+    `shard_bytes`. Written to a temporary folder renamed at the end: never a half-written model.
+    Returns the shard file names (writer only)."""
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if is_writer:
@@ -297,6 +298,8 @@ def save_full_model(model: nn.Module, out_dir: str | os.PathLike, is_writer: boo
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -256,7 +256,7 @@ def finish(s: Session, cfg: RunConfig, ctx: WorkerContext, tracker, result: Trai
     run_dir = cfg.run_dir.resolve()
     s.memory.enter("export")
     result.adapter_dir, adapter_state = export_adapter(s.engine.module, cfg, cfg.method.tsd(), run_dir, tracker,
-                                                       s.classes)
+                                                       s.classes, s.tokenizer)
     if cfg.data.test:
         s.memory.enter("evaluate")
         result.metrics.update(evaluate_after_training(s.engine, adapter_state, s.tokenizer, cfg, run_dir, tracker,
@@ -332,14 +332,15 @@ class StepStats:
 
 
 def export_adapter(model, cfg: RunConfig, tsd_cfg, run_dir: Path, tracker,
-                   classes: list[str] | None = None) -> tuple[str, dict]:
+                   classes: list[str] | None = None, tokenizer=None) -> tuple[str, dict]:
     """Gather the TSD tensors and any head (every rank), write the PEFT adapter + sidecar (rank
     0), log it. Returns the folder and every rank's gathered copy of the state (evaluation needs
-    no disk). A classifier's class names go into the sidecar's metadata."""
+    no disk). A classifier's class names go into the sidecar's metadata. Full fine-tuning writes
+    the whole model instead, with `tokenizer`: a folder that loads on its own."""
     rank, _ = rank_and_world()
     if tsd_cfg.is_full:  # full fine-tuning: the whole model, shard by shard (a collective under ZeRO-3)
         out = run_dir / "model"
-        save_full_model(model, out, is_writer=rank == 0)
+        save_full_model(model, out, is_writer=rank == 0, tokenizer=tokenizer)
         if rank == 0:
             log(f"fine-tuned model written to {out}")
             tracker.log_artifacts(str(out), "model")
