@@ -151,25 +151,32 @@ def session_folder(tmp_path_factory, name: str, make) -> Path:
     return folder
 
 
+def tsd_run(wd: Path, name: str, experiment: str, method: dict, train: dict,
+            data: dict | None = None) -> tuple[Path, dict]:
+    """A 2-rank LoRA-TSD run of a tiny model made in `wd`, a checkpoint every step (all kept),
+    tracked in wd/mlflow.db, under wd/runs/<name>: (wd, its config dict)."""
+    import yaml
+
+    make_tiny_model(wd / "model")
+    cfg = tiny_config(wd / "model", wd / "runs", name)
+    cfg["data"].update(data or {})
+    cfg["method"].update(method="tsd", **method)
+    cfg["train"].update(checkpoint_every=1, keep_checkpoints=None, log_every=1, **train)
+    cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment=experiment)
+    path = wd / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = torchrun_worker(path)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return wd, cfg
+
+
 def lora_tsd_run(tmp_path_factory) -> tuple[Path, dict]:
     """The suite's one uninterrupted 2-rank LoRA-TSD run, shared by test_resume, test_reliability
     and test_strategies (each trained its own, almost the same): the tiny model, switches at
-    steps 2 (Init) and 4 (Dash), dropout 0.1, 6 steps, warm-up 2 then linear, a checkpoint every
-    step (all kept), ZeRO-3, tracked in <folder>/mlflow.db. Returns (folder, its config dict):
-    the run is <folder>/runs/full, the model <folder>/model."""
+    steps 2 (Init) and 4 (Dash), dropout 0.1, 6 steps, warm-up 2 then linear, ZeRO-3 (`tsd_run`).
+    Returns (folder, its config dict): the run is <folder>/runs/full, the model <folder>/model."""
     import yaml
 
-    def make(wd: Path) -> None:
-        make_tiny_model(wd / "model")
-        cfg = tiny_config(wd / "model", wd / "runs", "full")
-        cfg["method"].update(method="tsd", switch_step=2, dropout=0.1)
-        cfg["train"].update(max_steps=6, warmup_steps=2, schedule="linear", checkpoint_every=1,
-                            keep_checkpoints=None, log_every=1)
-        cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment="resume")
-        (wd / "full.yaml").write_text(yaml.safe_dump(cfg))
-        proc = torchrun_worker(wd / "full.yaml")
-        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-
-    wd = session_folder(tmp_path_factory, "lora-tsd", make)
+    wd = session_folder(tmp_path_factory, "lora-tsd", lambda wd: tsd_run(
+        wd, "full", "resume", dict(switch_step=2, dropout=0.1), dict(max_steps=6, warmup_steps=2, schedule="linear")))
     return wd, yaml.safe_load((wd / "full.yaml").read_text())
-

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from proc_group import crashed_after, lora_tsd_run, make_tiny_model, tiny_config, torchrun_worker
+from proc_group import crashed_after, lora_tsd_run, torchrun_worker, tsd_run
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -27,21 +27,6 @@ def _worker(cfg: Path):
     proc = torchrun_worker(cfg)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
-
-
-def _tsd_run(wd: Path, name: str, experiment: str, method: dict, train: dict, data: dict | None = None):
-    """A 2-rank LoRA-TSD run of the tiny model in `wd`, a checkpoint every step (all kept),
-    tracked in wd/mlflow.db: (wd, its config dict)."""
-    make_tiny_model(wd / "model")
-    cfg = tiny_config(wd / "model", wd / "runs", name)
-    cfg["data"].update(data or {})
-    cfg["method"].update(method="tsd", **method)
-    cfg["train"].update(checkpoint_every=1, keep_checkpoints=None, log_every=1, **train)
-    cfg["tracking"].update(uri=f"sqlite:///{wd}/mlflow.db", experiment=experiment)
-    path = wd / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    _worker(path)
-    return wd, cfg
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +238,7 @@ def two_rank_run(tmp_path_factory):
     divide), 30 examples (an epoch is 5 steps on 1, 2 and 3 ranks alike), switches at 2 and 4,
     8 steps, a checkpoint every step. Dropout off: after a world-size change another rank draws
     each example's mask, so only dropout-free runs can be compared step by step."""
-    return _tsd_run(tmp_path_factory.mktemp("reshard"), "two", "reshard", dict(switch_step=2, dropout=0.0),
+    return tsd_run(tmp_path_factory.mktemp("reshard"), "two", "reshard", dict(switch_step=2, dropout=0.0),
                     dict(max_steps=8, micro_batch_size=1, grad_accum=3), data=dict(limit=30))
 
 
