@@ -182,7 +182,13 @@ def skip_unused_deepspeed_comm_op() -> None:
     folder or compiler changes. Only DeepSpeed's inference all-reduce (its tensor-parallel
     inference layers) uses it, and nothing here calls that: training's collectives are
     torch.distributed's with or without it. DeepSpeed then starts as on a machine without a
-    compiler. Its op table is one dict, computed once and kept, so the mark holds for the process."""
+    compiler. Its op table is one dict, computed once and kept, so the mark holds for the process.
+    Only DeepSpeed's CPU accelerator has the op: elsewhere (CUDA) nothing is touched, since reading
+    the table would make DeepSpeed probe every op (compiler runs) at each rank's start."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is None:
+        return
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
